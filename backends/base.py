@@ -1,0 +1,210 @@
+"""The backend protocol: the few verbs the training loop uses, and the registry of backends.
+
+The loop (engine/loop.py) never asks which backend it runs on. A backend owns how the model
+is built (e.g. ZeRO-3 partitions it while it is constructed), wrapped, stepped, checkpointed
+and exported. If a backend needs more from the loop, grow this protocol; never add a
+backend check to the loop.
+
+Backend modules must stay cheap to import (import deepspeed / colossalai inside methods),
+because the registry imports them all to validate config sections.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import resource
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from engine.errors import EngineError
+
+
+@dataclass
+class OptimizerSpec:
+    """What the user asked for; each backend builds the optimizer that fits it (AdamW family)."""
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+
+
+@dataclass
+class SchedulerSpec:
+    name: str               # transformers SchedulerType name
+    warmup_steps: int
+    total_steps: int
+
+
+@dataclass
+class StepInfo:
+    grad_norm: float | None  # before clipping; None when the backend cannot tell
+    skipped: bool = False    # fp16 overflow: the optimizer step was skipped
+    lr: float = 0.0
+
+
+@dataclass
+class BackendSpec:
+    name: str
+    module: str             # import path of the module holding the class
+    class_name: str
+    options_cls: type       # dataclass of this backend's own config section
+
+
+class Backend(ABC):
+    """One instance per rank. Lifetime: __init__ -> setup -> (train/eval verbs)* -> close."""
+
+    @classmethod
+    def init_distributed(cls, timeout_s: float = 600) -> None:
+        """Join the process group torchrun/Ray described in the environment (RANK, WORLD_SIZE,
+        MASTER_ADDR, ...). Backends whose library must own this (e.g. colossalai.launch) override."""
+        if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+            return
+        from datetime import timedelta
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+
+    def __init__(self, cfg, options) -> None:
+        self.cfg = cfg            # engine.config.Config (whole run config)
+        self.options = options    # this backend's options dataclass
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = (torch.device("cuda", self.local_rank) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+
+    # -- data parallel layout: the loop shards data by these, not by global rank -------------
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def dp_group(self):
+        """Process group over which data-parallel ranks hold different data (None = world)."""
+        return None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- set-up ---------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, build_model: Callable[[], torch.nn.Module], optimizer: OptimizerSpec,
+              scheduler: SchedulerSpec) -> None:
+        """Build the model (inside any partitioning context), wrap it, create optimizer+scheduler."""
+
+    # -- training ---------------------------------------------------------------------------
+    @abstractmethod
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
+        """Forward on one micro-batch (with `labels`), backward of loss / grad_accum.
+
+        `sync_grads` is False for all but the last micro-batch of an accumulation window so
+        backends can skip the gradient all-reduce. Returns the detached, unscaled loss."""
+
+    @abstractmethod
+    def step(self) -> StepInfo:
+        """Clip (train.max_grad_norm, 0 = off), optimizer and scheduler step, zero grads."""
+
+    @abstractmethod
+    def eval_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """No-grad forward in eval mode; returns full logits on every rank of this dp group."""
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    # -- state ------------------------------------------------------------------------------
+    @abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Write model+optimizer+scheduler state (backend-native, possibly sharded). All ranks call."""
+
+    @abstractmethod
+    def load_state(self, directory: Path) -> None:
+        """Restore what save_state wrote. All ranks call."""
+
+    @abstractmethod
+    def export_pretrained(self, directory: Path) -> None:
+        """Consolidated HF model folder (safetensors) written by rank 0. All ranks call."""
+
+    # -- reporting --------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """A few facts for the log (optimizer chosen, stage, ...)."""
+        return {}
+
+    def memory_stats(self) -> dict[str, float]:
+        """Peak memory in MiB: accelerator allocated/reserved when present, host RSS always."""
+        stats = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            stats["gpu_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            stats["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
+        return stats
+
+    def close(self) -> None:
+        pass
+
+    # -- shared helpers ----------------------------------------------------------------------
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast for bf16/fp16 on backends that do mixed precision with torch.amp."""
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            yield
+            return
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+_SPECS: dict[str, BackendSpec] = {}
+_BUILTIN_MODULES = ("backends.ddp", "backends.deepspeed_zero", "backends.colossal")
+
+
+def register_backend(name: str, options_cls: type):
+    """Class decorator: `@register_backend("ddp", DDPOptions)`."""
+    def wrap(cls):
+        _SPECS[name] = BackendSpec(name, cls.__module__, cls.__name__, options_cls)
+        return cls
+    return wrap
+
+
+def _load_builtin() -> None:
+    for module in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a backend module that exists but fails to import is a bug
+                raise
+
+
+def backend_names() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(_SPECS)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    _load_builtin()
+    if name not in _SPECS:
+        raise EngineError(f"unknown backend {name!r}; available: {', '.join(_SPECS)}")
+    return _SPECS[name]
+
+
+def backend_class(name: str) -> type[Backend]:
+    spec = backend_spec(name)
+    return getattr(importlib.import_module(spec.module), spec.class_name)
+
+
+def create_backend(cfg) -> Backend:
+    return backend_class(cfg.backend.name)(cfg, cfg.backend_options())

@@ -1,0 +1,148 @@
+"""Run state around the backend's own state: where a run stands, RNG, atomic checkpoint dirs.
+
+Layout: OUTPUT_DIR/checkpoints/step-N/ holds the backend's files plus trainer_state.json and
+rng-rank{R}.pt. A checkpoint is written into .tmp-step-N and renamed only when every rank has
+finished, so an interrupted write never becomes the one a run resumes from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.errors import EngineError
+
+STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"  # OUTPUT_DIR/run.json: {"status": "running" | "finished", ...}
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class RunState:
+    step: int = 0             # optimizer steps done
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    dp_size: int = 1
+    global_batch: int = 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def completed_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = completed_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def run_status(output_dir: Path) -> str | None:
+    f = Path(output_dir) / RUN_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get("status")
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def write_run_status(output_dir: Path, status: str, **extra) -> None:
+    _atomic_write(Path(output_dir) / RUN_FILE, json.dumps({"status": status, **extra}, indent=2))
+
+
+def check_output_dir(output_dir: Path) -> str:
+    """'new', 'resume' or raise: an existing finished run is never overwritten."""
+    output_dir = Path(output_dir)
+    if run_status(output_dir) == "finished":
+        raise EngineError(f"output_dir {output_dir} already holds a finished run; "
+                          "choose a new output_dir (or delete that one)")
+    if latest_checkpoint(output_dir) is not None:
+        return "resume"
+    if (output_dir / "model").exists():
+        raise EngineError(f"output_dir {output_dir} already holds a model/ folder; choose a new output_dir")
+    return "new"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) -> Path:
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}"
+    if backend.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    backend.save_state(tmp)
+    torch.save(_rng_state(), tmp / f"rng-rank{backend.rank}.pt")
+    barrier()
+    if backend.is_main:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: the checkpoint exists only once complete
+        for _, old in completed_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(backend, directory: Path) -> RunState:
+    backend.load_state(directory)
+    state = RunState(**json.loads((directory / STATE_FILE).read_text()))
+    rng_file = directory / f"rng-rank{backend.rank}.pt"
+    if not rng_file.exists():
+        rng_file = directory / "rng-rank0.pt"  # resumed on a different number of ranks
+    _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state

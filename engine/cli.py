@@ -1,0 +1,176 @@
+"""`engine` command line: launch, train, generate, plot (and the commands other modules add)."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from engine.errors import EngineError
+
+
+def _split_config_and_overrides(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [KEY=VALUE ...]`: the first argument without '=' is the config file."""
+    config, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise EngineError(f"unexpected argument {a!r}: give one config file and KEY=VALUE overrides")
+    return config, overrides
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class EngineGroup(click.Group):
+    """Turns EngineError into `error: <message>` and exit code 2, with no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EngineError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=EngineGroup)
+def main() -> None:
+    """Fine-tune GPT-style models with one loop over DDP, DeepSpeed and ColossalAI."""
+
+
+def resolve_job(config: str | None, overrides: list[str], backend: str | None):
+    """Load + validate config, settle output_dir, and check data and model before any process starts."""
+    from engine.checkpoint import check_output_dir
+    from engine.config import load_config
+    from engine.metrics import log
+    from engine.worker import prepare_run
+
+    cfg = load_config(config, overrides, backend=backend)
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    mode = check_output_dir(Path(cfg.output_dir))
+    prepare_run(cfg)
+    log(("resuming run in " if mode == "resume" else "new run in ") + cfg.output_dir)
+    return cfg
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--backend", default=None, help="ddp | deepspeed | colossal (overrides backend.name)")
+@click.option("--gpus", type=int, default=None, help="GPUs per node (default: all; 0 = CPU processes with gloo)")
+@click.option("--nproc", type=int, default=None, help="CPU processes per node when running without GPUs (default 1)")
+@click.option("--nnodes", type=int, default=1, show_default=True)
+@click.option("--node-rank", type=int, default=0, show_default=True)
+@click.option("--master-addr", default="127.0.0.1", show_default=True)
+@click.option("--master-port", type=int, default=None, help="default: a free port (single node) or 29500")
+@click.option("--max-restarts", type=int, default=0, show_default=True,
+              help="restart all workers this many times when one fails; they resume from the last checkpoint")
+@click.option("--launcher", type=click.Choice(["torchrun", "ray"]), default="torchrun", show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (auto | HOST:PORT); default: a local Ray instance")
+@click.option("--gpus-per-node", type=int, default=None, help="Ray: GPUs per node to pack workers by")
+def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_port, max_restarts, launcher,
+           address, gpus_per_node):
+    """Start a training job: engine launch [CONFIG.yaml] [KEY=VALUE ...].
+
+    With no CONFIG it trains a small GPT-2 on the project's own sample corpus."""
+    config, overrides = _split_config_and_overrides(args)
+    present = _gpu_count()
+    if gpus is None:
+        gpus = present
+    if gpus < 0 or (nproc is not None and nproc < 1) or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise EngineError("--gpus must be >= 0, --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    if gpus > present and launcher == "torchrun":
+        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)"
+                          + ("; use --gpus 0 --nproc N for CPU processes" if present == 0 else ""))
+    if gpus > 0 and nproc is not None and nproc != gpus:
+        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
+    procs = gpus if gpus > 0 else (nproc or 1)
+    cfg = resolve_job(config, overrides, backend)
+    cfg_dict = cfg.to_dict()
+    if launcher == "ray":
+        from launch.ray_launcher import launch as ray_launch
+        ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
+                   max_restarts=max_restarts)
+        return
+    if master_port is None:
+        master_port = _free_port() if nnodes == 1 else 29500
+    if node_rank == 0 and not _port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
+        raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
+    from launch.torchrun import launch as torchrun_launch
+    threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
+    torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                    master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--backend", default=None)
+def train(args, backend):
+    """Per-rank entry point (also under an external torchrun): engine train CONFIG [KEY=VALUE ...]."""
+    from engine.config import load_config
+    from engine.worker import run
+
+    config, overrides = _split_config_and_overrides(args)
+    cfg = load_config(config, overrides, backend=backend)
+    if cfg.output_dir is None:  # every rank must pick the same directory
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
+        cfg.output_dir = str(Path("runs") / f"{cfg.task}-{run_id}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        from engine.checkpoint import check_output_dir
+        check_output_dir(Path(cfg.output_dir))
+    run(cfg.to_dict())
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--prompt", "prompts", multiple=True, default=("Once upon a time",), show_default=True)
+@click.option("--max-new-tokens", type=int, default=40, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling")
+def generate(models, prompts, max_new_tokens, temperature, top_k, seed, greedy):
+    """Sample from models side by side: engine generate BASE RUN_DIR/model --prompt '...'"""
+    from engine.generate import generate_side_by_side
+    for prompt, outputs in generate_side_by_side(list(models), list(prompts), max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, top_k=top_k, seed=seed, greedy=greedy):
+        click.echo(f"=== prompt: {prompt!r}")
+        for name, text in outputs:
+            click.echo(f"--- {name}\n{text}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", default=None, help="PNG path (default RUN_DIR/metrics.png)")
+def plot(run_dir, output):
+    """Plot loss, learning rate and eval metrics of a run as a PNG."""
+    from engine.plot import plot_run
+    path = plot_run(Path(run_dir), Path(output) if output else None)
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Typed run configuration: YAML file + dotted KEY=VALUE overrides, validated at the edge.
+
+Every key a user can write is a dataclass field here (or in a backend's own options
+dataclass, registered in backends/base.py), so a typo is caught with a did-you-mean
+instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import EngineError
+
+TASKS = ("causal_lm", "classification")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt")
+BUILTIN_SAMPLE = "builtin:sample"  # the project's own generated corpus and tokenizer
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None   # hub id or local HF folder; None = build from `config`
+    config: dict = field(default_factory=dict)  # architecture overrides (model_type picks the family)
+    trust_remote_code: bool = False
+    num_labels: int | None = None     # classification; inferred from the GLUE task or the data
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None          # .txt file/folder, .csv, .jsonl/.json, .tsv/GLUE folder, or hub name
+    validation: str | None = None
+    hub_config: str | None = None     # dataset config name for hub datasets (e.g. wikitext-2-raw-v1)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    glue_task: str | None = None      # mrpc, sst2, rte, cola, qqp, mnli, qnli, stsb
+    block_size: int = 128
+    packing: bool = True              # causal LM: concatenate and cut into blocks (run_clm); else one row per example
+    validation_split: float = 0.0     # hold out this fraction of train when no validation set is given
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0                # optimizer steps; 0 = derived from epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 8         # per data-parallel rank
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0        # 0 = no clipping
+    seed: int = 42
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0               # steps; 0 = only at the end
+    eval_batch_size: int | None = None
+    save_every: int = 0               # steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 10
+    stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
+
+
+@dataclass
+class BackendConfig:
+    name: str = "ddp"
+    # One section per backend (backend.deepspeed.zero_stage=3), validated by that backend's
+    # options dataclass; sections of backends not in use are validated too, so typos surface.
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    task: str = "causal_lm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str | None = None      # hub id or folder; None = model.name_or_path
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    output_dir: str | None = None
+
+    # -- derived helpers -------------------------------------------------------------------
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer or self.model.name_or_path
+
+    def backend_options(self, name: str | None = None) -> Any:
+        """The typed options dataclass of a backend (default: the one in use)."""
+        from backends.base import backend_spec
+        name = name or self.backend.name
+        return _build(backend_spec(name).options_cls, self.backend.options.get(name, {}) or {},
+                      f"backend.{name}")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        opts = out["backend"].pop("options")
+        out["backend"].update(opts)
+        return out
+
+    def dump_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def default_sample_config() -> dict:
+    """The embedded default job: a small GPT-2 trained on the project's own generated corpus.
+
+    Sized to finish in about a minute on 2 CPU cores."""
+    return {
+        "task": "causal_lm",
+        "model": {"config": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128,
+                             "n_positions": 256}},
+        "tokenizer": BUILTIN_SAMPLE,
+        "data": {"train": BUILTIN_SAMPLE, "block_size": 128, "validation_split": 0.05},
+        "train": {"max_steps": 120, "micro_batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.1,
+                  "scheduler": "cosine", "weight_decay": 0.01, "eval_every": 40, "save_every": 40,
+                  "log_every": 10},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: str | None = None) -> Config:
+    """Read YAML (or the embedded default when path is None), apply overrides, validate."""
+    if path is None:
+        raw = default_sample_config()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise EngineError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise EngineError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise EngineError(f"config file {p} must hold a mapping at the top level")
+    if backend is not None:
+        raw.setdefault("backend", {})
+        raw["backend"] = {**(raw["backend"] or {}), "name": backend}
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`train.max_steps=20` -> raw['train']['max_steps'] = 20 (value parsed as YAML)."""
+    if "=" not in item:
+        raise EngineError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=20)")
+    key, _, text = item.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise EngineError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = dict(raw)
+    backend_raw = dict(raw.pop("backend", None) or {})
+    name = backend_raw.pop("name", "ddp")
+    options = backend_raw.pop("options", {}) or {}
+    options.update(backend_raw)  # backend.deepspeed: {...} written at the top of the section
+    cfg = _build(Config, raw, "")
+    cfg.backend = BackendConfig(name=name, options=options)
+    return cfg
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, data: Any, prefix: str):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by dotted name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EngineError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise EngineError(f"unknown config key {dotted!r}{_did_you_mean(str(key), fields)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, dotted: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise EngineError(f"{dotted} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise EngineError(f"{dotted} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EngineError(f"{dotted} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise EngineError(f"{dotted} must be a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise EngineError(f"{dotted} must be a mapping, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise EngineError(f"{dotted} must be a list, got {value!r}")
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (cheap checks only; data and model checks happen in engine.preflight)
+# --------------------------------------------------------------------------------------------
+def _choice(value, choices, name):
+    if value not in choices:
+        raise EngineError(f"{name} must be one of {', '.join(choices)}; got {value!r}"
+                          f"{_did_you_mean(str(value), choices)}")
+
+
+def validate(cfg: Config) -> None:
+    from backends.base import backend_names
+    from engine.tasks.glue import GLUE_TASKS
+
+    _choice(cfg.task, TASKS, "task")
+    _choice(cfg.backend.name, backend_names(), "backend.name")
+    for name, section in cfg.backend.options.items():
+        if name not in backend_names():
+            raise EngineError(f"unknown config key 'backend.{name}'{_did_you_mean(name, backend_names())}")
+        cfg.backend_options(name)  # raises on unknown keys / bad values in that section
+    t, d = cfg.train, cfg.data
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.scheduler, SCHEDULERS, "train.scheduler")
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+                "data.block_size": d.block_size, "train.log_every": t.log_every,
+                "train.keep_last": t.keep_last}
+    for name, v in positive.items():
+        if v < 1:
+            raise EngineError(f"{name} must be at least 1, got {v}")
+    for name, v in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+                    "train.save_every": t.save_every, "train.stop_at_step": t.stop_at_step,
+                    "train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
+        if v < 0:
+            raise EngineError(f"{name} must not be negative, got {v}")
+    if t.lr <= 0:
+        raise EngineError(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise EngineError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_steps == 0 and t.epochs <= 0:
+        raise EngineError("set train.max_steps or a positive train.epochs")
+    if not 0 <= d.validation_split < 1:
+        raise EngineError(f"data.validation_split must be in [0, 1), got {d.validation_split}")
+    if d.glue_task is not None:
+        _choice(d.glue_task, tuple(GLUE_TASKS), "data.glue_task")
+        if cfg.task != "classification":
+            raise EngineError("data.glue_task needs task: classification")
+    if not d.train:
+        raise EngineError("data.train is required (a file, folder or hub dataset name)")
+    if cfg.model.name_or_path is None and not cfg.model.config:
+        raise EngineError("set model.name_or_path (hub id or folder) or model.config (to build from scratch)")
+    if cfg.tokenizer_path is None:
+        raise EngineError("set tokenizer (hub id or folder) when the model is built from model.config")

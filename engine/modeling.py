@@ -1,0 +1,90 @@
+"""Tokenizer and model construction through the real `from_pretrained` / `from_config` paths."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.config import BUILTIN_SAMPLE, Config
+from engine.errors import EngineError
+
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def load_tokenizer(cfg: Config):
+    path = cfg.tokenizer_path
+    if path == BUILTIN_SAMPLE:
+        from engine.sample import sample_tokenizer
+        tok = sample_tokenizer()
+    else:
+        from transformers import AutoTokenizer, GPT2Tokenizer
+        local = Path(path).expanduser()
+        try:
+            if local.is_dir() and not (local / "tokenizer_config.json").exists() and (local / "vocab.json").exists():
+                tok = GPT2Tokenizer.from_pretrained(str(local))  # a bare vocab.json + merges.txt folder
+            else:
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise EngineError(f"tokenizer {path!r} could not be loaded (not a tokenizer folder, and the hub "
+                              f"is unreachable or has no such id): {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:  # GPT-2 family has no pad token: pad with EOS (masked out anyway)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model_config(cfg: Config, tokenizer, num_labels: int | None):
+    from transformers import AutoConfig
+    overrides = dict(cfg.model.config)
+    extra = {}
+    if num_labels is not None:
+        extra = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
+    try:
+        if cfg.model.name_or_path:
+            overrides.pop("model_type", None)
+            conf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                              **overrides, **extra)
+        else:
+            model_type = overrides.pop("model_type", "gpt2")
+            overrides.setdefault("vocab_size", len(tokenizer))
+            for key in ("bos_token_id", "eos_token_id"):
+                overrides.setdefault(key, tokenizer.eos_token_id)
+            conf = AutoConfig.for_model(model_type, **overrides, **extra)
+    except (OSError, ValueError) as e:
+        where = cfg.model.name_or_path or "model.config"
+        raise EngineError(f"model {where!r} could not be configured: {str(e).splitlines()[0]}") from None
+    return conf
+
+
+def model_context(conf) -> int | None:
+    for attr in CONTEXT_ATTRS:
+        value = getattr(conf, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_block_size(cfg: Config, conf) -> None:
+    ctx = model_context(conf)
+    if ctx is not None and cfg.data.block_size > ctx:
+        raise EngineError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {ctx} tokens")
+
+
+def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module]:
+    """A zero-argument factory: backends call it inside their own construction context
+    (e.g. ZeRO-3's zero.Init) so a model too big for one device is partitioned as it is built."""
+    def build() -> torch.nn.Module:
+        torch.manual_seed(cfg.train.seed)  # identical random init on every rank and backend
+        if cfg.model.name_or_path:
+            model = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                               trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            model = auto_class.from_config(conf, dtype=torch.float32,
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # no KV cache while training
+        return model
+    return build

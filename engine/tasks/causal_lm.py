@@ -1,0 +1,93 @@
+"""Causal-LM fine-tuning: text packed into block_size blocks (run_clm style) or one row per example."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.data import read_rows, require_column
+from engine.errors import EngineError
+from engine.tasks import Collective, Task, TaskData, split_rows
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+
+    def auto_model_class(self):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM
+
+    def _texts(self, cfg, source: str, field: str, split: str) -> list[str]:
+        rows = read_rows(source, field, split=split, hub_config=cfg.data.hub_config)
+        column = "text" if "text" in rows[0] and cfg.data.text_column not in rows[0] else cfg.data.text_column
+        require_column(rows, column, "data.text_column", source)
+        return [str(r[column]) for r in rows if r[column] is not None and str(r[column]).strip()]
+
+    def prepare(self, cfg, tokenizer) -> TaskData:
+        d = cfg.data
+        train_texts = self._texts(cfg, d.train, "data.train", "train")
+        if d.validation:
+            eval_texts = self._texts(cfg, d.validation, "data.validation", "validation")
+        elif d.validation_split > 0:
+            train_texts, eval_texts = split_rows(train_texts, d.validation_split, cfg.train.seed)
+        else:
+            eval_texts = None
+        self.packing = d.packing
+        train = self._tokenize(train_texts, tokenizer, d.block_size, "data.train")
+        evals = self._tokenize(eval_texts, tokenizer, d.block_size, "data.validation") if eval_texts else None
+        if d.max_train_samples:
+            train = train[: d.max_train_samples]
+        if evals is not None and d.max_eval_samples:
+            evals = evals[: d.max_eval_samples]
+        unit = "blocks" if d.packing else "rows"
+        notes = (f"train: {len(train_texts)} rows -> {len(train)} {unit} of <= {d.block_size} tokens",)
+        return TaskData(train, evals, None, notes)
+
+    def _tokenize(self, texts: list[str], tokenizer, block_size: int, field: str):
+        # lines of a .txt keep their line breaks; separate documents (rows) end with EOS
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        if self.packing:
+            flat: list[int] = []
+            for row, text in zip(ids, texts):
+                flat.extend(row)
+                if eos is not None and not text.endswith("\n"):
+                    flat.append(eos)
+            n_blocks = len(flat) // block_size  # the tail shorter than a block is dropped (run_clm)
+            if n_blocks == 0:
+                raise EngineError(f"{field}: only {len(flat)} tokens, fewer than one block of "
+                                  f"data.block_size={block_size}")
+            return torch.tensor(flat[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+        return [row[:block_size] for row in ids if row]
+
+    def collate(self, examples) -> dict[str, torch.Tensor]:
+        if isinstance(examples, torch.Tensor) or isinstance(examples[0], torch.Tensor):
+            input_ids = torch.stack(list(examples))
+            return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                    "labels": input_ids.clone()}
+        width = max(len(e) for e in examples)
+        input_ids = torch.zeros(len(examples), width, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, e in enumerate(examples):
+            input_ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def eval_init(self) -> dict:
+        return {"loss_sum": 0.0, "tokens": 0}
+
+    def eval_update(self, state, logits, batch, indices) -> None:
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        state["loss_sum"] += float(loss)
+        state["tokens"] += int((shift_labels != -100).sum())
+
+    def eval_finish(self, state, collective: Collective, device) -> dict[str, float]:
+        t = collective.all_reduce_sum(torch.tensor([state["loss_sum"], float(state["tokens"])],
+                                                   dtype=torch.float64, device=device))
+        loss = float(t[0] / max(t[1], 1.0))
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(t[1])}

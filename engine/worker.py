@@ -1,0 +1,112 @@
+"""The per-rank entry point: what torchrun, Ray and `engine train` run in every process."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from engine.errors import EngineError
+
+
+def prepare_run(cfg):
+    """Everything that depends only on config and data (tokenizer, task data, model config).
+    Shared by the launcher's preflight and by every rank, so bad input fails before spawning."""
+    from engine.modeling import check_block_size, load_model_config, load_tokenizer
+    from engine.tasks import get_task
+
+    task = get_task(cfg.task)
+    tokenizer = load_tokenizer(cfg)
+    data = task.prepare(cfg, tokenizer)
+    conf = load_model_config(cfg, tokenizer, data.num_labels)
+    check_block_size(cfg, conf)
+    return task, tokenizer, data, conf
+
+
+def oom_advice(cfg) -> str:
+    t = cfg.train
+    hints = []
+    if t.micro_batch_size > 1:
+        hints.append(f"train.micro_batch_size={max(1, t.micro_batch_size // 2)} "
+                     f"train.grad_accum={t.grad_accum * 2} (same global batch)")
+    if not t.gradient_checkpointing:
+        hints.append("train.gradient_checkpointing=true")
+    if t.precision == "fp32":
+        hints.append("train.precision=bf16")
+    hints.append("--backend deepspeed backend.deepspeed.zero_stage=3 (shards parameters, gradients and optimizer state)")
+    hints.append("backend.deepspeed.offload_optimizer=cpu (optimizer state in host memory)")
+    return "out of GPU memory; what would fit instead: " + "; or ".join(hints)
+
+
+def run(cfg_dict: dict) -> dict:
+    """Run one rank of a training job described by a resolved config dict."""
+    from backends.base import backend_class
+    from engine.config import config_from_dict, validate
+    from engine.loop import train
+    from engine.metrics import log
+    from engine.modeling import model_builder
+
+    cfg = config_from_dict(cfg_dict)
+    validate(cfg)
+    backend_cls = backend_class(cfg.backend.name)
+    owns_process_group = not dist.is_initialized()  # a caller that set it up keeps it (test drivers)
+    backend_cls.init_distributed()
+    backend = None
+    try:
+        task, tokenizer, data, conf = prepare_run(cfg)
+        backend = backend_cls(cfg, cfg.backend_options())
+        output_dir = Path(cfg.output_dir)
+        if backend.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(cfg, output_dir)
+            for note in data.notes:
+                log(note)
+        if dist.is_initialized():
+            dist.barrier()
+        return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
+                     tokenizer, output_dir)
+    except torch.OutOfMemoryError:
+        raise EngineError(oom_advice(cfg)) from None
+    finally:
+        if backend is not None:
+            backend.close()
+        if owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _write_config(cfg, output_dir: Path) -> None:
+    from engine.metrics import log
+    path = output_dir / "config.yaml"
+    new = cfg.to_dict()
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        if old != new:
+            changed = sorted(_diff_keys(old, new))
+            log(f"warning: config differs from the one this run started with ({', '.join(changed)}); "
+                f"previous kept as config.prev.yaml")
+            path.rename(output_dir / "config.prev.yaml")
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    keys = []
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def run_and_exit(cfg_dict: dict) -> None:
+    """Entry for launched processes: a bad-input error is one line on stderr and exit code 2."""
+    try:
+        run(cfg_dict)
+    except EngineError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""Shared test helpers: real data from ../shared/data, tiny models saved to local folders, and
+running the real `engine` CLI in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ENGINE_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+MRPC = SHARED_DATA / "glue" / "MRPC"
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+ENGINE = [sys.executable, "-m", "engine.cli"]
+
+
+def tiny_gpt2_dir(root: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 128,
+                  dropout: float = 0.0) -> Path:
+    """A tiny GPT-2 (random init) + the real GPT-2 tokenizer saved as an HF folder, so runs use
+    the real from_pretrained path. Dropout 0 by default: parity tests compare exact losses."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    import torch
+
+    path = root / f"tiny-gpt2-{n_layer}x{n_embd}"
+    if (path / "config.json").exists():
+        return path
+    tok = GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER))
+    conf = GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run_engine(args: list[str], *, cwd: Path | None = None, timeout: int = 600, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run(ENGINE + [str(a) for a in args], cwd=cwd or REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"engine {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path, event: str = "train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]
