@@ -147,6 +147,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
             raise EngineError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise EngineError(f"config file {p} must hold a mapping at the top level")
+    if path is None and any(o.startswith("model.name_or_path=") for o in overrides):
+        # the sample's tiny architecture and tokenizer belong to the sample model only
+        raw["model"] = {}
+        raw.pop("tokenizer")
     if backend is not None:
         raw.setdefault("backend", {})
         raw["backend"] = {**(raw["backend"] or {}), "name": backend}
@@ -231,6 +235,11 @@ def _coerce(tp, value, dotted: str):
             raise EngineError(f"{dotted} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EngineError(f"{dotted} must be a number, got {value!r}")
         return float(value)
