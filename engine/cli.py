@@ -108,6 +108,11 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
     if gpus > 0 and nproc is not None and nproc != gpus:
         raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
     procs = gpus if gpus > 0 else (nproc or 1)
+    if launcher == "torchrun":
+        if master_port is None:
+            master_port = _free_port() if nnodes == 1 else 29500
+        if node_rank == 0 and not _port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
+            raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
     cfg = resolve_job(config, overrides, backend)
     cfg_dict = cfg.to_dict()
     if launcher == "ray":
@@ -115,10 +120,6 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
         ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
                    max_restarts=max_restarts)
         return
-    if master_port is None:
-        master_port = _free_port() if nnodes == 1 else 29500
-    if node_rank == 0 and not _port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
-        raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
     from launch.torchrun import launch as torchrun_launch
     threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
     torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,

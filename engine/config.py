@@ -147,10 +147,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
             raise EngineError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise EngineError(f"config file {p} must hold a mapping at the top level")
-    if path is None and any(o.startswith("model.name_or_path=") for o in overrides):
-        # the sample's tiny architecture and tokenizer belong to the sample model only
-        raw["model"] = {}
-        raw.pop("tokenizer")
+    if path is None and any(o.startswith(("model.name_or_path=", "data.train=")) for o in overrides):
+        raw = {}  # overrides name the user's own model/data: the sample job's settings do not apply
     if backend is not None:
         raw.setdefault("backend", {})
         raw["backend"] = {**(raw["backend"] or {}), "name": backend}
@@ -194,6 +192,8 @@ def config_from_dict(raw: dict) -> Config:
 
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
+    if not close:  # lr_rate -> lr, warmup -> warmup_ratio
+        close = sorted((c for c in choices if word.startswith(c) or c.startswith(word)), key=len, reverse=True)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

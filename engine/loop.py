@@ -64,7 +64,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     progress = Progress(total_steps, state.step, enabled=main)
     collective = _collective(backend)
 
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0, "skipped": 0}
+    window = _new_window()
     last_saved = state.step
     finished = True
     while state.step < total_steps:
@@ -99,9 +99,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
                           tokens_per_s=tokens / window["seconds"], samples_per_s=samples / window["seconds"],
                           skipped_steps=window["skipped"], epoch=round(state.step / steps_per_epoch, 4),
                           **{k: round(v, 1) for k, v in backend.memory_stats().items()})
-            window = dict.fromkeys(window, 0)
-            window["loss"] = 0.0
-            window["seconds"] = 0.0
+            window = _new_window()
 
         if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
             _evaluate(cfg, backend, task, data, collective, metrics, state.step)
@@ -129,6 +127,11 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     barrier()
     metrics.close()
     return result
+
+
+def _new_window() -> dict:
+    """Sums over the steps since the last log line."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0, "skipped": 0}
 
 
 def _evaluate(cfg, backend, task, data, collective, metrics, step) -> dict:

@@ -62,6 +62,8 @@ class Task(ABC):
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic hold-out: the same split on every rank and every resume."""
+    if len(rows) < 2:
+        raise EngineError(f"data.validation_split needs at least 2 rows to hold some out, got {len(rows)}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(rows) * fraction))

@@ -1,0 +1,121 @@
+"""Single-process logic: config loading/validation, data readers, metrics, the progress ETA."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import apply_override, load_config
+from engine.data import read_rows
+from engine.errors import EngineError
+from engine.loop import step_batches
+from engine.metrics import Progress
+from engine.tasks.glue import GLUE_TASKS, compute_metrics
+from helpers import MRPC, SHAKESPEARE
+
+
+def write_yaml(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_overrides_reach_typed_fields(tmp_path):
+    cfg_file = write_yaml(tmp_path / "c.yaml", f"task: causal_lm\nmodel: {{name_or_path: x}}\n"
+                                                f"data: {{train: {SHAKESPEARE}}}\ntrain: {{lr: 1e-3}}\n")
+    cfg = load_config(cfg_file, ["train.max_steps=20", "train.precision=bf16", "backend.ddp.bucket_cap_mb=50",
+                                 "data.block_size=64"])
+    assert cfg.train.max_steps == 20 and cfg.train.lr == 1e-3  # YAML reads 1e-3 as a string
+    assert cfg.train.precision == "bf16" and cfg.data.block_size == 64
+    assert cfg.backend_options().bucket_cap_mb == 50
+    assert cfg.to_dict()["backend"]["ddp"] == {"bucket_cap_mb": 50}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown config key 'train.max_step' (did you mean 'max_steps'?)"),
+    ("trian.lr=1", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("train.micro_batch_size=two", "train.micro_batch_size must be an integer"),
+    ("train.precision=fp8", "train.precision must be one of fp32, bf16, fp16"),
+    ("task=summarize", "task must be one of causal_lm, classification"),
+    ("backend.name=horovod", "backend.name must be one of"),
+    ("backend.ddp.bucket_cap=3", "unknown config key 'backend.ddp.bucket_cap' (did you mean 'bucket_cap_mb'?)"),
+    ("data.glue_task=mrcp", "data.glue_task must be one of"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio must be in [0, 1)"),
+])
+def test_bad_config_is_one_clear_line(override, message):
+    with pytest.raises(EngineError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_override_syntax_error():
+    with pytest.raises(EngineError, match="is not KEY=VALUE"):
+        apply_override({}, "train.max_steps")
+
+
+def test_csv_text_column_round_trips_newlines_commas_quotes(tmp_path):
+    texts = ['line one\nline two, with comma', 'say "hi"\n\n"quoted", really', "plain"]
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["description", "other"])
+        for t in texts:
+            w.writerow([t, "x"])
+    rows = read_rows(str(tmp_path / "d.csv"), "data.train")
+    assert [r["description"] for r in rows] == texts
+
+
+def test_mrpc_tsv_quoting_and_bom():
+    train = read_rows(str(MRPC), "data.train")
+    dev = read_rows(str(MRPC), "data.validation", split="validation")
+    assert len(train) == 3667 and len(dev) == 408  # quotes do not merge or split rows
+    assert "Quality" in train[0]  # the BOM is not part of the first column's name
+    assert all(r["Quality"] in ("0", "1") for r in train + dev)
+
+
+def test_jsonl_and_txt_folder(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a\nb"}) + "\n" + json.dumps({"text": "c"}) + "\n")
+    assert [r["text"] for r in read_rows(str(tmp_path / "a.jsonl"), "f")] == ["a\nb", "c"]
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "1.txt").write_text("first line\nsecond\n")
+    (folder / "2.txt").write_text("third\n")
+    assert [r["text"] for r in read_rows(str(folder), "f")] == ["first line\n", "second\n", "third\n"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "data file not found"),
+    (lambda p: p.write_text(""), "holds no examples"),
+    (lambda p: p.write_bytes(b"text\n\xff\xfe bad\n"), "is not UTF-8 text"),
+])
+def test_bad_data_files(tmp_path, setup, message):
+    path = tmp_path / "d.csv"
+    setup(path)
+    with pytest.raises(EngineError, match=message):
+        read_rows(str(path), "data.train")
+
+
+def test_glue_metrics_match_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    from scipy.stats import pearsonr, spearmanr
+    rng = np.random.default_rng(0)
+    preds, labels = rng.integers(0, 2, 500), rng.integers(0, 2, 500)
+    got = compute_metrics(("accuracy", "f1", "matthews_correlation"), preds, labels)
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    assert got["f1"] == pytest.approx(f1_score(labels, preds))
+    assert got["matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, preds))
+    x, y = rng.normal(size=100), rng.normal(size=100)
+    got = compute_metrics(GLUE_TASKS["stsb"].metrics, x, y)
+    assert got["pearson"] == pytest.approx(pearsonr(x, y)[0]) and got["spearmanr"] == pytest.approx(spearmanr(x, y)[0])
+
+
+def test_step_batches_cover_each_example_once_per_epoch():
+    steps = [step_batches(103, 10, seed=1, epoch=0, step_in_epoch=s) for s in range(10)]
+    flat = [i for s in steps for i in s]
+    assert len(flat) == len(set(flat)) == 100
+    assert steps[0] != step_batches(103, 10, seed=1, epoch=1, step_in_epoch=0)  # reshuffled per epoch
+
+
+def test_progress_eta_ignores_warmup_steps():
+    p = Progress(total=10, initial=0, enabled=False)
+    for seconds in (30.0, 20.0, 1.0, 1.0):  # two slow warm-up steps, then 1 s steps
+        p.update(seconds)
+    assert p.eta_seconds() == pytest.approx(6.0)
