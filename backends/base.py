@@ -71,6 +71,11 @@ class Backend(ABC):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
 
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        """Cheap checks before any process starts (library installed, options fit this machine),
+        raising EngineError with a one-line reason. Called by `engine launch`; default: none."""
+
     def __init__(self, cfg, options) -> None:
         self.cfg = cfg            # engine.config.Config (whole run config)
         self.options = options    # this backend's options dataclass

@@ -68,7 +68,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
     from engine.metrics import log
     from engine.worker import prepare_run
 
+    from backends.base import backend_class
+
     cfg = load_config(config, overrides, backend=backend)
+    backend_class(cfg.backend.name).preflight(cfg)  # e.g. library missing: one line, before spawning
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     mode = check_output_dir(Path(cfg.output_dir))
@@ -91,8 +94,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
 @click.option("--launcher", type=click.Choice(["torchrun", "ray"]), default="torchrun", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (auto | HOST:PORT); default: a local Ray instance")
 @click.option("--gpus-per-node", type=int, default=None, help="Ray: GPUs per node to pack workers by")
+@click.option("--rdzv-timeout", type=int, default=300, show_default=True,
+              help="seconds to wait for all nodes to join (torchrun) or for the cluster's resources (Ray)")
 def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_port, max_restarts, launcher,
-           address, gpus_per_node):
+           address, gpus_per_node, rdzv_timeout):
     """Start a training job: engine launch [CONFIG.yaml] [KEY=VALUE ...].
 
     With no CONFIG it trains a small GPT-2 on the project's own sample corpus."""
@@ -108,6 +113,13 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
     if gpus > 0 and nproc is not None and nproc != gpus:
         raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
     procs = gpus if gpus > 0 else (nproc or 1)
+    if max_restarts < 0 or rdzv_timeout < 1:
+        raise EngineError("--max-restarts must be >= 0 and --rdzv-timeout >= 1")
+    if launcher == "ray":
+        if nnodes != 1:
+            raise EngineError("--nnodes is for --launcher torchrun; Ray places workers across its cluster itself")
+        from launch.ray_launcher import require_ray
+        require_ray()  # before any data is read: a missing Ray is one line
     if launcher == "torchrun":
         if master_port is None:
             master_port = _free_port() if nnodes == 1 else 29500
@@ -118,12 +130,13 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
     if launcher == "ray":
         from launch.ray_launcher import launch as ray_launch
         ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
-                   max_restarts=max_restarts)
+                   max_restarts=max_restarts, resource_timeout=rdzv_timeout)
         return
     from launch.torchrun import launch as torchrun_launch
     threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
     torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                    master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads)
+                    master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads,
+                    rdzv_timeout=rdzv_timeout)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
