@@ -1,0 +1,334 @@
+"""ColossalAI backend: TorchDDP, LowLevelZero (ZeRO 1/2), Gemini and HybridParallel (TP/PP/ZeRO)
+through ColossalAI's Booster.
+
+Cheap to import: colossalai is imported inside methods only (the registry imports every backend
+module to validate config sections). Patches to ColossalAI live in compat.py, the transformers-5
+GPT-2 shardformer policy in gpt2_policy.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
+from engine.errors import EngineError
+
+PLUGINS = ("torch_ddp", "low_level_zero", "gemini", "hybrid")
+INSTALL_HINT = ("ColossalAI is not installed; install it without its 2024-era pins: "
+                "pip install --no-deps colossalai==0.5.0 psutil peft einops galore_torch fabric "
+                "(or run scripts/setup.sh)")
+
+
+@dataclass
+class ColossalOptions:
+    plugin: str = "torch_ddp"        # torch_ddp | low_level_zero | gemini | hybrid
+    stage: int = 1                   # low_level_zero: ZeRO stage 1 (optimizer state) or 2 (+ gradients)
+    tp_size: int = 1                 # hybrid: tensor-parallel degree
+    pp_size: int = 1                 # hybrid: pipeline stages
+    zero_stage: int = 0              # hybrid: ZeRO stage over the data-parallel group (0, 1, 2)
+    microbatches: int = 0            # hybrid with pp_size > 1: pipeline micro-batches per micro-batch (0 = pp_size)
+    cpu_offload: bool = False        # low_level_zero: optimizer state + master weights in host memory
+    placement_policy: str = "static"  # gemini: static | auto
+    initial_scale: float = 2.0 ** 16  # fp16 loss scale start (low_level_zero / gemini / hybrid)
+
+    def __post_init__(self) -> None:
+        p = "backend.colossal"
+        if self.plugin not in PLUGINS:
+            raise EngineError(f"{p}.plugin must be one of {', '.join(PLUGINS)}; got {self.plugin!r}")
+        if self.stage not in (1, 2):
+            raise EngineError(f"{p}.stage must be 1 or 2 (low_level_zero), got {self.stage}")
+        if self.zero_stage not in (0, 1, 2):
+            raise EngineError(f"{p}.zero_stage must be 0, 1 or 2 (hybrid), got {self.zero_stage}")
+        for key in ("tp_size", "pp_size"):
+            if getattr(self, key) < 1:
+                raise EngineError(f"{p}.{key} must be at least 1, got {getattr(self, key)}")
+        if self.microbatches < 0:
+            raise EngineError(f"{p}.microbatches must not be negative, got {self.microbatches}")
+        if self.plugin != "hybrid" and (self.tp_size > 1 or self.pp_size > 1 or self.zero_stage):
+            raise EngineError(f"{p}.tp_size/pp_size/zero_stage need {p}.plugin=hybrid (got plugin={self.plugin})")
+        if self.pp_size > 1 and self.zero_stage == 2:
+            raise EngineError(f"{p}.zero_stage=2 cannot be combined with {p}.pp_size > 1 (ColossalAI: "
+                              "pipeline parallelism supports ZeRO stage 0 or 1)")
+        if self.placement_policy not in ("static", "auto"):
+            raise EngineError(f"{p}.placement_policy must be static or auto, got {self.placement_policy!r}")
+        if self.initial_scale <= 0:
+            raise EngineError(f"{p}.initial_scale must be positive, got {self.initial_scale}")
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.microbatches or self.pp_size
+
+
+def _require_colossalai() -> None:
+    try:
+        import colossalai  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "colossalai":
+            raise EngineError(INSTALL_HINT) from None
+        raise EngineError(f"ColossalAI is installed but cannot be imported: module {e.name!r} is missing "
+                          f"({INSTALL_HINT.split('; ', 1)[1]})") from None
+
+
+def _cpu_only_reason(options: ColossalOptions) -> str | None:
+    if torch.cuda.is_available():
+        return None
+    if options.plugin == "gemini":
+        return ("backend.colossal.plugin=gemini needs CUDA: Gemini's chunk manager uses CUDA streams and "
+                "its HybridAdam/CPUAdam kernels are CUDA builds; on CPU use plugin=low_level_zero "
+                "(ZeRO 1/2) or plugin=hybrid")
+    if options.cpu_offload:
+        return ("backend.colossal.cpu_offload needs CUDA (it offloads from accelerator memory with "
+                "ColossalAI's CPUAdam kernel); on CPU the states already live in host memory")
+    return None
+
+
+@register_backend("colossal", ColossalOptions)
+class ColossalBackend(Backend):
+
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        _require_colossalai()
+        reason = _cpu_only_reason(cfg.backend_options("colossal"))
+        if reason:
+            raise EngineError(reason)
+
+    @classmethod
+    def init_distributed(cls, timeout_s: float = 600) -> None:
+        _require_colossalai()
+        from backends.colossal import compat
+        compat.apply()
+        if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+            return  # a driver (tests/drivers/run_many.py) already owns the process group
+        import colossalai
+        colossalai.launch_from_torch(verbose=False)  # the loop seeds every RNG itself afterwards
+
+    def __init__(self, cfg, options: ColossalOptions) -> None:
+        super().__init__(cfg, options)
+        _require_colossalai()
+        reason = _cpu_only_reason(options)
+        if reason:
+            raise EngineError(reason)
+        from backends.colossal import compat
+        compat.apply()
+        if not dist.is_initialized():
+            raise EngineError("the colossal backend needs a process group: start it with `engine launch` "
+                              "(torchrun), even for one process")
+        from colossalai.booster import Booster
+        self.plugin = self._make_plugin()
+        mixed = None
+        if options.plugin == "torch_ddp" and cfg.train.precision == "fp16":
+            mixed = "fp16"  # torch amp + GradScaler; bf16 runs under autocast (below)
+        self.booster = Booster(plugin=self.plugin, mixed_precision=mixed)
+        self.pipelined = options.plugin == "hybrid" and options.pp_size > 1
+        self._tp_group = None
+
+    # -- plugin -----------------------------------------------------------------------------
+    def _make_plugin(self):
+        o, t = self.options, self.cfg.train
+        precision = t.precision
+        max_norm = float(t.max_grad_norm or 0.0)
+        if o.plugin == "torch_ddp":
+            from colossalai.booster.plugin import TorchDDPPlugin
+            return TorchDDPPlugin()
+        if o.plugin == "low_level_zero":
+            from colossalai.booster.plugin import LowLevelZeroPlugin
+            return LowLevelZeroPlugin(stage=o.stage, precision=precision, max_norm=max_norm,
+                                      initial_scale=o.initial_scale, cpu_offload=o.cpu_offload,
+                                      overlap_communication=torch.cuda.is_available())
+        if o.plugin == "gemini":
+            from colossalai.booster.plugin import GeminiPlugin
+            return GeminiPlugin(precision=precision, placement_policy=o.placement_policy, max_norm=max_norm,
+                                initial_scale=o.initial_scale)
+        # hybrid
+        if self.world_size % (o.tp_size * o.pp_size):
+            raise EngineError(f"backend.colossal.tp_size={o.tp_size} x pp_size={o.pp_size} does not divide "
+                              f"the {self.world_size} processes")
+        from colossalai.booster.plugin import HybridParallelPlugin
+
+        from backends.colossal.gpt2_policy import policy_for
+        kwargs = {}
+        if o.pp_size > 1:
+            kwargs["num_microbatches"] = o.num_microbatches
+        return HybridParallelPlugin(
+            tp_size=o.tp_size, pp_size=o.pp_size, zero_stage=o.zero_stage, precision=precision,
+            max_norm=max_norm, initial_scale=o.initial_scale, enable_all_optimization=False,
+            enable_fused_normalization=False, enable_flash_attention=False, enable_jit_fused=False,
+            enable_sequence_parallelism=False, parallel_output=True,
+            custom_policy=policy_for(self.cfg.task), **kwargs)
+
+    # -- data-parallel layout ----------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        if self.options.plugin == "hybrid":
+            return dist.get_rank(self.plugin.dp_group)
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        if self.options.plugin == "hybrid":
+            return self.plugin.dp_size
+        return self.world_size
+
+    @property
+    def dp_group(self):
+        return self.plugin.dp_group if self.options.plugin == "hybrid" else None
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self, build_model, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
+        from engine.optim import adamw, build_scheduler
+        self.build_model = build_model
+        module = build_model()
+        self.model_config = module.config
+        optim = adamw(module, optimizer)
+        sched = build_scheduler(optim, scheduler)
+        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(module, optim, lr_scheduler=sched)
+        self.module = self.model.unwrap()
+        if self.options.plugin == "hybrid":
+            self._tp_group = self.plugin.tp_group
+
+    # -- training ---------------------------------------------------------------------------
+    def _no_sync(self, sync_grads: bool):
+        if sync_grads or not self.plugin.support_no_sync():
+            return nullcontext()
+        return self.booster.no_sync(self.model, self.optimizer)
+
+    def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+        if self.pipelined:
+            return self._pipeline_forward_backward(batch)
+        with self._no_sync(sync_grads):
+            with self._autocast():
+                loss = self._loss(self.model(**batch), batch)
+            self.booster.backward(loss / self.cfg.train.grad_accum, self.optimizer)
+        return loss.detach()
+
+    def _autocast(self):
+        # plugins other than torch_ddp run their own mixed precision (fp16/bf16 working params)
+        return self.autocast() if self.options.plugin == "torch_ddp" and self.cfg.train.precision == "bf16" \
+            else nullcontext()
+
+    def _loss(self, outputs, batch) -> torch.Tensor:
+        return outputs.loss
+
+    def _pipeline_forward_backward(self, batch) -> torch.Tensor:
+        accum = self.cfg.train.grad_accum
+        criterion = lambda outputs, inputs: outputs.loss / accum  # noqa: E731
+        out = self.booster.execute_pipeline(iter([batch]), self.model, criterion, self.optimizer,
+                                            return_loss=True, return_outputs=False)
+        return self._from_last_stage(out["loss"] * accum if out["loss"] is not None else None)
+
+    def _from_last_stage(self, value: torch.Tensor | None, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Broadcast a tensor held by the last pipeline stage to every stage of this pipeline."""
+        stage = self.plugin.stage_manager
+        group = self.plugin.pp_group
+        src = dist.get_global_rank(group, self.options.pp_size - 1)
+        if stage.is_last_stage():
+            value = value.detach().float().contiguous()
+            meta = torch.tensor(list(value.shape) + [0] * (4 - value.dim()) + [value.dim()], dtype=torch.long)
+        else:
+            meta = torch.zeros(5, dtype=torch.long)
+        dist.broadcast(meta, src, group=group)
+        if not stage.is_last_stage():
+            ndim = int(meta[-1])
+            value = torch.empty(tuple(int(x) for x in meta[:ndim]), dtype=torch.float32, device=self.device)
+        dist.broadcast(value, src, group=group)
+        return value
+
+    def step(self) -> StepInfo:
+        o, t = self.options, self.cfg.train
+        grad_norm = None
+        if o.plugin == "torch_ddp":
+            scaler = getattr(self.optimizer, "scaler", None)
+            if scaler is not None:
+                self.optimizer.unscale_grad()
+            max_norm = t.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        self.optimizer.step()
+        if grad_norm is None:
+            norm = self.optimizer.get_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        skipped = False  # TODO: fp16 overflow detection per plugin
+        return StepInfo(grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+    @torch.no_grad()
+    def eval_forward(self, batch) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with self._autocast():
+            logits = self.model(**inputs).logits
+        return logits
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+    # -- state ------------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        directory = Path(directory)
+        # torch .bin shards: safetensors refuses GPT-2's tied wte/lm_head (shared storage)
+        self.booster.save_model(self.model, str(directory / "model"), shard=True, use_safetensors=False)
+        self.booster.save_optimizer(self.optimizer, str(directory / "optimizer"), shard=True)
+        if self.is_main:
+            self.booster.save_lr_scheduler(self.scheduler, str(directory / "scheduler.pt"))
+
+    def load_state(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.booster.load_model(self.model, str(directory / "model"))
+        self.booster.load_optimizer(self.optimizer, str(directory / "optimizer"))
+        self.booster.load_lr_scheduler(self.scheduler, str(directory / "scheduler.pt"))
+
+    def export_pretrained(self, directory: Path) -> None:
+        """Consolidated HF folder: the Booster gathers the (TP/PP/ZeRO-sharded) weights into full
+        tensors in a temporary sharded checkpoint; rank 0 loads them into a fresh, unsharded model
+        and writes it with save_pretrained, so the folder loads without ColossalAI."""
+        directory = Path(directory)
+        tmp = directory.parent / f".{directory.name}-gathered"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        self.booster.save_model(self.model, str(tmp), shard=True, gather_dtensor=True, use_safetensors=False)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.is_main:
+            state = _read_shards(tmp)
+            fresh = self.build_model()
+            missing, unexpected = fresh.load_state_dict(state, strict=False)
+            tied = set(getattr(fresh, "_tied_weights_keys", None) or {})
+            missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise RuntimeError(f"export: gathered checkpoint does not match the model "
+                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            fresh.save_pretrained(directory, safe_serialization=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    # -- reporting --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        o = self.options
+        info = {"plugin": o.plugin, "optimizer": "torch.optim.AdamW"}
+        if o.plugin == "low_level_zero":
+            info["zero_stage"] = o.stage
+        if o.plugin == "hybrid":
+            info.update(tp_size=o.tp_size, pp_size=o.pp_size, zero_stage=o.zero_stage, dp_size=self.dp_size)
+            if o.pp_size > 1:
+                info["microbatches"] = o.num_microbatches
+        return info
+
+    def close(self) -> None:
+        pass
+
+
+def _read_shards(folder: Path) -> dict:
+    """Merge the torch .bin shards of a Booster sharded checkpoint (full tensors after gather)."""
+    state = {}
+    for f in sorted(Path(folder).glob("*.bin")):
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
