@@ -83,7 +83,11 @@ def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module
             model = auto_class.from_config(conf, dtype=torch.float32,
                                            trust_remote_code=cfg.model.trust_remote_code)
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # non-reentrant works with DDP/ZeRO hooks
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # no KV cache while training
         return model
