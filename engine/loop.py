@@ -142,8 +142,14 @@ def _evaluate(cfg, backend, task, data, collective, metrics, step) -> dict:
     # each example on exactly one data-parallel rank: no padding, no duplicates
     mine = list(range(backend.dp_rank, len(data.eval), backend.dp_size))
     state = task.eval_init()
-    for start in range(0, len(mine), size):
+    # every rank runs the same number of forwards (that of the rank with the most examples):
+    # backends that shard parameters (ZeRO-3) gather them collectively inside the forward
+    n_batches = math.ceil(math.ceil(len(data.eval) / backend.dp_size) / size)
+    for start in range(0, n_batches * size, size):
         chunk = mine[start:start + size]
+        if not chunk:  # this rank has run out: a forward whose result is discarded
+            backend.eval_forward(_to_device(task.collate([data.eval[0]]), backend.device))
+            continue
         batch = _to_device(task.collate([data.eval[i] for i in chunk]), backend.device)
         task.eval_update(state, backend.eval_forward(batch), batch, chunk)
     results = task.eval_finish(state, collective, backend.device)
