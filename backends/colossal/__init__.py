@@ -155,6 +155,9 @@ class ColossalBackend(Backend):
         kwargs = {}
         if o.pp_size > 1:
             kwargs["num_microbatches"] = o.num_microbatches
+            # batches are padded to their longest row, so activation shapes change between steps:
+            # the schedule must not reuse the shapes it received first
+            kwargs["enable_metadata_cache"] = False
         return HybridParallelPlugin(
             tp_size=o.tp_size, pp_size=o.pp_size, zero_stage=o.zero_stage, precision=precision,
             max_norm=max_norm, initial_scale=o.initial_scale, enable_all_optimization=False,
@@ -184,7 +187,9 @@ class ColossalBackend(Backend):
         from engine.optim import adamw, build_scheduler
         self.build_model = build_model
         module = build_model()
-        self.model_config = module.config
+        if self.options.plugin == "hybrid":
+            from backends.colossal.gpt2_policy import check_model
+            check_model(module)
         optim = adamw(module, optimizer)
         sched = build_scheduler(optim, scheduler)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(module, optim, lr_scheduler=sched)
@@ -200,7 +205,8 @@ class ColossalBackend(Backend):
 
     def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
         if self.pipelined:
-            return self._pipeline_forward_backward(batch)
+            with self._no_sync(sync_grads):
+                return self._pipeline_forward_backward(batch)
         with self._no_sync(sync_grads):
             with self._autocast():
                 loss = self._loss(self.model(**batch), batch)
@@ -261,9 +267,25 @@ class ColossalBackend(Backend):
     @torch.no_grad()
     def eval_forward(self, batch) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.pipelined:
+            return self._pipeline_eval(inputs)
         with self._autocast():
             logits = self.model(**inputs).logits
         return logits
+
+    def _pipeline_eval(self, inputs) -> torch.Tensor:
+        # forward-only pipeline: the schedule re-derives its micro-batch count from the eval batch;
+        # restore the training split afterwards (the next training batch asserts on it)
+        schedule = self.plugin.scheduler
+        saved = (schedule.num_microbatches, schedule.microbatch_size)
+        try:  # no_sync: forward-only, so skip the plugin's post-step gradient syncs (there are no grads)
+            with self.booster.no_sync(self.model, self.optimizer):
+                out = self.booster.execute_pipeline(iter([inputs]), self.model, lambda o, i: torch.zeros(()),
+                                                    optimizer=None, return_loss=False, return_outputs=True)
+        finally:
+            schedule.num_microbatches, schedule.microbatch_size = saved
+        logits = out["outputs"]["logits"] if self.plugin.stage_manager.is_last_stage() else None
+        return self._from_last_stage(logits)
 
     def train_mode(self, training: bool) -> None:
         self.model.train(training)

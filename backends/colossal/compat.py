@@ -37,6 +37,15 @@ PATCHES = {
     "hybrid.__del__":
         "HybridParallelPlugin.__del__ prints a TypeError at interpreter exit (its stage manager is gone) "
         "-> guarded",
+    "checkpoint.tp_partition_dim":
+        "search_tp_partition_dim asserts original == tp * shard, false for a padded vocabulary (GPT-2: "
+        "50257 -> 50304 under TP) though its callers unpad right after -> accept padded shards",
+    "hybrid.grad_norm_fused_qkv":
+        "the hybrid optimizers' grad norm treats fused-QKV/c_fc shards (customized distributed tensors) as "
+        "replicated and divides their norm by tp_size, so clipping differs from DDP -> count them as sharded",
+    "padded_tensor.unpad_copy":
+        "to_unpadded_tensor on the detached copy the checkpoint sharder makes of a padded parameter (vocab "
+        "padding under PP) raises AttributeError: the copy lacks the saved methods -> restore only those present",
     "qkv_fused.gather_cuda":
         "shardformer's fused-QKV gather (save_model after TP) calls .cuda() -> stays on the tensor's device "
         "without CUDA",
@@ -53,6 +62,9 @@ def apply() -> None:
     _patch_pipeline_p2p()
     _patch_hybrid_plugin()
     _patch_qkv_gather()
+    _patch_tp_partition_dim()
+    _patch_grad_norm_sharded()
+    _patch_padded_unpad()
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,3 +140,42 @@ def _patch_qkv_gather() -> None:
             torch.Tensor.cuda = cuda
 
     qkv.gather_fused_qkv_in_gpt2_style = gather
+
+
+def _padded_search_tp_partition_dim(current_shape, original_shape, tp_size):
+    for dim, length in enumerate(original_shape):
+        if length > current_shape[dim]:
+            if not (tp_size - 1) * current_shape[dim] < length <= tp_size * current_shape[dim]:
+                raise AssertionError(f"The parameter isn't evenly distributed among tensor parallel group: "
+                                     f"shape before sharding {original_shape}, after sharding {current_shape}")
+            return dim
+    return None
+
+
+def _patch_tp_partition_dim() -> None:
+    import colossalai.checkpoint_io.hybrid_parallel_checkpoint_io as hpio
+    import colossalai.checkpoint_io.utils as utils
+
+    utils.search_tp_partition_dim = _padded_search_tp_partition_dim
+    hpio.search_tp_partition_dim = _padded_search_tp_partition_dim
+
+
+def _patch_grad_norm_sharded() -> None:
+    import colossalai.booster.plugin.hybrid_parallel_plugin as hpp
+    from colossalai.tensor.d_tensor.api import is_customized_distributed_tensor, is_distributed_tensor
+
+    hpp.is_distributed_tensor = lambda t: is_distributed_tensor(t) or is_customized_distributed_tensor(t)
+
+
+def _patch_padded_unpad() -> None:
+    import colossalai.tensor.padded_tensor.api as padded
+
+    original = padded._hijack_back_detach_and_clone
+
+    @functools.wraps(original)
+    def hijack_back(ptensor):
+        if not hasattr(ptensor, "_unpad_detach"):
+            return ptensor  # a detached copy: it uses Tensor's own detach/clone already
+        return original(ptensor)
+
+    padded._hijack_back_detach_and_clone = hijack_back

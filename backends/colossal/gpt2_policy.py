@@ -1,0 +1,205 @@
+"""A shardformer policy for transformers-5 GPT-2, given to `HybridParallelPlugin(custom_policy=...)`.
+
+ColossalAI 0.5.0's stock GPT-2 policy and pipeline forwards were written for transformers 4.51:
+they call `GPT2Model.get_head_mask` (gone), index block outputs with `outputs[0]` (blocks now
+return a Tensor, so that silently takes the first batch row), build 4.51-style masks, and the
+LM policy swaps in its own 4.51-era forward whenever `parallel_output=True`. This module keeps
+the stock policy's module replacements (they fit transformers 5: attention reshapes by a fixed
+`head_dim`, so the stock block and attention forwards run unchanged under TP with per-rank
+`split_size`/`num_heads`) and supplies:
+
+- causal LM: a forward computing the loss with ColossalAI's `dist_cross_entropy` (vocab-parallel
+  under TP, vocabulary padded to a multiple of 64), returning full, un-padded logits in eval;
+- pipeline forwards (LM head and sequence classification) per stage: the first stage embeds,
+  every stage builds the mask with `create_causal_mask` and runs its blocks (Tensor out), the last
+  applies `ln_f` and the head; classification pools the rightmost non-pad token as transformers 5;
+- dropout wrappers for replicated activations (`DropoutForReplicatedInput`): the stock policy's
+  `DropoutForParallelInput` draws a different mask on each TP rank for activations every rank
+  holds in full, so replicated parameters would drift apart with dropout > 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from engine.errors import EngineError
+
+
+def policy_for(task: str):
+    """A fresh policy instance for the engine task (the plugin keeps and mutates it)."""
+    _define()
+    if task == "causal_lm":
+        return EngineGPT2LMHeadPolicy()
+    if task == "classification":
+        return EngineGPT2SequenceClassificationPolicy()
+    raise EngineError(f"backend.colossal.plugin=hybrid has no GPT-2 policy for task {task!r}")
+
+
+def check_model(model) -> None:
+    name = type(model).__name__
+    wanted = {"GPT2LMHeadModel", "GPT2ForSequenceClassification"}
+    if name not in wanted:
+        raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2 models ({', '.join(sorted(wanted))}); "
+                          f"got {name} (use plugin=torch_ddp or low_level_zero for other architectures)")
+
+
+# --------------------------------------------------------------------------------------------
+# forwards
+# --------------------------------------------------------------------------------------------
+def _transformer_stage(t, input_ids, attention_mask, hidden_states, stage_manager=None, stage_index=None):
+    """GPT2Model.forward for the blocks this stage holds (all of them without PP)."""
+    from transformers.masking_utils import create_causal_mask
+
+    first = stage_manager is None or stage_manager.is_first_stage()
+    last = stage_manager is None or stage_manager.is_last_stage()
+    if first:
+        batch, length = input_ids.shape
+        inputs_embeds = t.wte(input_ids)
+        position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0)
+        hidden_states = t.drop(inputs_embeds + t.wpe(position_ids))
+    else:
+        batch, length = hidden_states.shape[:2]
+        position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+    if attention_mask is not None and attention_mask.ndim < 4:
+        attention_mask = attention_mask.view(batch, -1)
+    mask = create_causal_mask(config=t.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids)
+    start, end = stage_index if stage_index is not None else (0, len(t.h))
+    for block in t.h[start:end]:
+        hidden_states = block(hidden_states, None, mask, None, use_cache=False, position_ids=position_ids)
+        if isinstance(hidden_states, tuple):  # transformers < 5 blocks return tuples
+            hidden_states = hidden_states[0]
+    if last:
+        hidden_states = t.ln_f(hidden_states)
+    return hidden_states
+
+
+def full_logits(lm_head, logits: torch.Tensor, shard_config) -> torch.Tensor:
+    """Vocab-parallel logits -> the full, un-padded vocabulary on every TP rank (eval only)."""
+    if not (shard_config.enable_tensor_parallelism and shard_config.parallel_output):
+        return logits  # PaddingLMHead already cut the padding
+    group = shard_config.tensor_parallel_process_group
+    world = dist.get_world_size(group)
+    per_rank = lm_head.new_num_embeddings // world
+    logits = F.pad(logits, (0, per_rank - logits.shape[-1])).contiguous()
+    parts = [torch.empty_like(logits) for _ in range(world)]
+    dist.all_gather(parts, logits, group=group)
+    return torch.cat(parts, dim=-1)[..., : lm_head.old_num_embeddings]
+
+
+def _lm_head_and_loss(model, hidden, labels, shard_config):
+    from colossalai.shardformer.layer import dist_cross_entropy
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    logits = model.lm_head(hidden)
+    loss = None
+    if labels is not None:
+        loss = dist_cross_entropy(labels, logits, shard_config, model.lm_head.out_features, logits.dtype)
+    if not model.training:
+        logits = full_logits(model.lm_head, logits, shard_config)
+    return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
+
+
+def lm_forward(self, input_ids=None, attention_mask=None, labels=None, shard_config=None, **_):
+    hidden = _transformer_stage(self.transformer, input_ids, attention_mask, None)
+    return _lm_head_and_loss(self, hidden, labels, shard_config)
+
+
+def lm_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
+                  stage_manager=None, stage_index=None, shard_config=None, **_):
+    hidden = _transformer_stage(self.transformer, input_ids, attention_mask, hidden_states,
+                                stage_manager, stage_index)
+    if not stage_manager.is_last_stage():
+        return {"hidden_states": hidden}
+    return _lm_head_and_loss(self, hidden, labels, shard_config)
+
+
+def classification_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
+                              stage_manager=None, stage_index=None, shard_config=None, **_):
+    from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    hidden = _transformer_stage(self.transformer, input_ids, attention_mask, hidden_states,
+                                stage_manager, stage_index)
+    if not stage_manager.is_last_stage():
+        return {"hidden_states": hidden}
+    logits = self.score(hidden)
+    batch, length = input_ids.shape[:2]
+    if self.config.pad_token_id is None:
+        last = torch.full((batch,), length - 1, device=logits.device)
+    else:  # transformers 5: the rightmost token that is not the pad token (left or right padding)
+        non_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+        last = (torch.arange(length, device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+    pooled = logits[torch.arange(batch, device=logits.device), last]
+    loss = None
+    if labels is not None:
+        if self.num_labels == 1:
+            loss = MSELoss()(pooled.squeeze(), labels.squeeze())
+        elif labels.dtype in (torch.long, torch.int):
+            loss = CrossEntropyLoss()(pooled.view(-1, self.num_labels), labels.view(-1))
+        else:
+            loss = BCEWithLogitsLoss()(pooled, labels)
+    return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
+
+
+# --------------------------------------------------------------------------------------------
+# policies (defined lazily: importing colossalai is not cheap and the module must stay importable)
+# --------------------------------------------------------------------------------------------
+EngineGPT2LMHeadPolicy = None
+EngineGPT2SequenceClassificationPolicy = None
+
+
+def _define() -> None:
+    global EngineGPT2LMHeadPolicy, EngineGPT2SequenceClassificationPolicy
+    if EngineGPT2LMHeadPolicy is not None:
+        return
+    from functools import partial
+
+    import colossalai.shardformer.layer as col_nn
+    from colossalai.shardformer.policies.base_policy import SubModuleReplacementDescription
+    from colossalai.shardformer.policies.gpt2 import (GPT2ForSequenceClassificationPolicy, GPT2LMHeadModelPolicy,
+                                                      GPT2Policy)
+
+    def base_policy(policy_self) -> dict:
+        policy = GPT2Policy.module_policy(policy_self)
+        for description in policy.values():
+            for sub in description.sub_module_replacement or []:
+                if sub.target_module is col_nn.DropoutForParallelInput:
+                    sub.target_module = col_nn.DropoutForReplicatedInput
+        return policy
+
+    class _LM(GPT2LMHeadModelPolicy):
+        def module_policy(self):
+            from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
+
+            policy = base_policy(self)
+            tp = self.shard_config.enable_tensor_parallelism
+            head = col_nn.VocabParallelLMHead1D if tp else col_nn.PaddingLMHead
+            kwargs = {"make_vocab_size_divisible_by": self.shard_config.make_vocab_size_divisible_by}
+            if tp:
+                kwargs["gather_output"] = False
+            self.append_or_create_submodule_replacement(
+                description=SubModuleReplacementDescription(suffix="lm_head", target_module=head, kwargs=kwargs),
+                policy=policy, target_key=GPT2LMHeadModel)
+            if self.pipeline_stage_manager is not None:
+                self.set_pipeline_forward(model_cls=GPT2LMHeadModel, new_forward=lm_forward_pp, policy=policy)
+            else:
+                self.append_or_create_method_replacement(
+                    description={"forward": partial(lm_forward, shard_config=self.shard_config)},
+                    policy=policy, target_key=GPT2LMHeadModel)
+            return policy
+
+    class _Cls(GPT2ForSequenceClassificationPolicy):
+        def module_policy(self):
+            from transformers.models.gpt2.modeling_gpt2 import GPT2ForSequenceClassification
+
+            policy = base_policy(self)
+            if self.pipeline_stage_manager is not None:
+                self.set_pipeline_forward(model_cls=GPT2ForSequenceClassification,
+                                          new_forward=classification_forward_pp, policy=policy)
+            # without PP transformers 5's own forward runs: the score head is replicated
+            return policy
+
+    EngineGPT2LMHeadPolicy = _LM
+    EngineGPT2SequenceClassificationPolicy = _Cls
