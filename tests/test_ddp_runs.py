@@ -3,11 +3,13 @@
 Each launch pays the torch/transformers import per process, so runs are module-scoped and
 shared by several assertions."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from helpers import MRPC, SHAKESPEARE, losses, metrics, run_engine
+from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
 
 CLM_STEPS = 24
 
@@ -33,7 +35,12 @@ def runs(tiny_gpt2, tmp_path_factory):
     run_engine(["launch", "--gpus", "0", "--nproc", "1", *args, "train.stop_at_step=10"])
     out["stopped_losses"] = losses(out["resumed"])
     out["stopped_checkpoints"] = sorted(p.name for p in (out["resumed"] / "checkpoints").iterdir())
-    out["resume_log"] = run_engine(["launch", "--gpus", "0", "--nproc", "1", *args]).stderr
+    # relaunched under an external torchrun through the per-rank entry point `engine train`
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                              "-m", "engine.cli", "train", *args], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    out["resume_log"] = resumed.stderr
     return out
 
 
