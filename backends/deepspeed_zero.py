@@ -1,0 +1,448 @@
+"""DeepSpeed ZeRO (stages 0-3, CPU/NVMe offload) behind the engine's Backend protocol.
+
+Semantics match the DDP backend (engine/loop.py drives both the same way):
+- gradient accumulation: DeepSpeed's `gradient_accumulation_steps` = train.grad_accum (it divides
+  each micro-batch loss by it, as DDP does); the loop's `sync_grads` is passed on through
+  `engine.set_gradient_accumulation_boundary`, so `engine.step()` runs once per optimizer step.
+- clipping: `gradient_clipping` is always written = train.max_grad_norm (0 = off). DeepSpeed's own
+  default is 1.0 and clips silently, so it is never left to the default.
+- optimizer: torch AdamW with the engine's parameter groups (engine.optim.adamw) without offload;
+  DeepSpeedCPUAdam with the same groups and hyper-parameters when the optimizer is offloaded.
+- scheduler: the transformers scheduler from engine.optim, stepped here after every optimizer step
+  (also after an fp16-overflow skip, like DDP's GradScaler path); saved in the checkpoint's
+  client_state.
+
+Importing this module must stay cheap: deepspeed is imported inside methods only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
+from engine.errors import EngineError
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-folder inside the engine's step-N directory
+
+
+@dataclass
+class DeepSpeedOptions:
+    zero_stage: int | None = None         # 0-3; None = the config_file's stage, else 2
+    offload_optimizer: str | None = None  # none | cpu | nvme; None = the config_file's, else none
+    offload_params: str | None = None     # none | cpu | nvme (ZeRO-3 only)
+    nvme_path: str | None = None          # folder for nvme offload (needs DeepSpeed's async_io op)
+    config_file: str | None = None        # the user's DeepSpeed JSON; "auto" values are filled in
+    reduce_bucket_size: int | None = None  # elements; None = DeepSpeed's default (or "auto": hidden^2)
+    log_level: str = "warning"            # DeepSpeed's own logger (info shows its per-step chatter)
+
+    def __post_init__(self) -> None:
+        p = "backend.deepspeed"
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise EngineError(f"{p}.zero_stage must be 0-3, got {self.zero_stage}")
+        for key in ("offload_optimizer", "offload_params"):
+            value = getattr(self, key)
+            if value is not None and value not in OFFLOAD_DEVICES:
+                raise EngineError(f"{p}.{key} must be one of {', '.join(OFFLOAD_DEVICES)}; got {value!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise EngineError(f"{p}.log_level must be debug, info, warning or error; got {self.log_level!r}")
+        if self.config_file is not None:
+            path = Path(self.config_file).expanduser()
+            if not path.is_file():
+                raise EngineError(f"{p}.config_file not found: {path}")
+            try:
+                user = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise EngineError(f"{p}.config_file {path} is not valid JSON: {e}") from None
+            if not isinstance(user, dict):
+                raise EngineError(f"{p}.config_file {path} must hold a JSON object")
+        # cross-checks that need the file's values too are done in resolved_zero()
+        self.resolved_zero()
+
+    # -- what the options and the user's JSON say together ---------------------------------
+    def user_config(self) -> dict:
+        if self.config_file is None:
+            return {}
+        return json.loads(Path(self.config_file).expanduser().read_text())
+
+    def resolved_zero(self) -> tuple[int, str, str]:
+        """(stage, offload_optimizer, offload_params), options first, then the JSON, then defaults;
+        an option that contradicts an explicit JSON value is an error, never a silent pick."""
+        p = "backend.deepspeed"
+        zero = self.user_config().get("zero_optimization", {}) or {}
+        src = f"{p}.config_file"
+
+        def pick(option, option_name, json_value, json_name, default):
+            if json_value == "auto" or json_value is None:
+                return default if option is None else option
+            if option is not None and option != json_value:
+                raise EngineError(f"{p}.{option_name}={option} conflicts with {json_name}={json_value!r} "
+                                  f"in {src}; remove one or make them equal")
+            return json_value
+
+        stage = pick(self.zero_stage, "zero_stage", zero.get("stage"), "zero_optimization.stage", 2)
+        if stage not in (0, 1, 2, 3):
+            raise EngineError(f"zero_optimization.stage in {src} must be 0-3, got {stage!r}")
+        opt_dev = pick(self.offload_optimizer, "offload_optimizer",
+                       (zero.get("offload_optimizer") or {}).get("device"),
+                       "zero_optimization.offload_optimizer.device", "none")
+        par_dev = pick(self.offload_params, "offload_params", (zero.get("offload_param") or {}).get("device"),
+                       "zero_optimization.offload_param.device", "none")
+        for name, dev in (("offload_optimizer", opt_dev), ("offload_params", par_dev)):
+            if dev not in OFFLOAD_DEVICES:
+                raise EngineError(f"{p}.{name} must be one of {', '.join(OFFLOAD_DEVICES)}; got {dev!r}")
+        if opt_dev != "none" and stage == 0:
+            raise EngineError(f"{p}.offload_optimizer={opt_dev} needs zero_stage 1, 2 or 3 (got 0)")
+        if par_dev != "none" and stage != 3:
+            raise EngineError(f"{p}.offload_params={par_dev} needs zero_stage=3 (got {stage})")
+        if "nvme" in (opt_dev, par_dev) and not self.nvme_path:
+            raise EngineError(f"{p}.nvme_path is required with nvme offload (a folder on a fast local disk)")
+        return stage, opt_dev, par_dev
+
+
+# --------------------------------------------------------------------------------------------
+# The DeepSpeed config: built from the engine config, merged with the user's JSON
+# --------------------------------------------------------------------------------------------
+_SCHEDULER_TYPES = {  # DeepSpeed scheduler type -> engine train.scheduler values it means
+    "WarmupDecayLR": ("linear",), "WarmupCosineLR": ("cosine",), "WarmupLR": ("constant_with_warmup", "constant"),
+}
+_FILL_FROM_HIDDEN = {  # HF-integration style "auto" values that depend on the model width
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def build_ds_config(cfg, options: DeepSpeedOptions, world_size: int, hidden_size: int | None,
+                    optimizer: OptimizerSpec | None = None, scheduler: SchedulerSpec | None = None) -> dict:
+    """The DeepSpeed config dict the engine runs with. The engine's values win where the user's JSON
+    says "auto" or nothing; an explicit, different value in the JSON is an EngineError naming both."""
+    t = cfg.train
+    stage, opt_dev, par_dev = options.resolved_zero()
+    user = copy.deepcopy(options.user_config())
+    src = "backend.deepspeed.config_file"
+
+    def settle(node: dict, key: str, ours, ours_name: str, dotted: str, same=lambda a, b: a == b):
+        value = node.get(key, "auto")
+        if value == "auto":
+            node[key] = ours
+        elif not same(value, ours):
+            raise EngineError(f"{dotted}={value!r} in {src} conflicts with {ours_name}={ours!r}; "
+                              f"set it to \"auto\" or make them equal")
+
+    close = lambda a, b: isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a - b) <= 1e-12 * max(1, abs(b))
+    ds = user
+    settle(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size",
+           "train_micro_batch_size_per_gpu")
+    settle(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", "gradient_accumulation_steps")
+    if world_size is not None:  # unknown in preflight (before the launcher has counted processes)
+        settle(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+               f"train.micro_batch_size x train.grad_accum x {world_size} ranks", "train_batch_size")
+    settle(ds, "gradient_clipping", float(t.max_grad_norm), "train.max_grad_norm", "gradient_clipping", close)
+
+    # precision: train.precision decides; the JSON may only agree
+    for kind in ("bf16", "fp16"):
+        section = ds.setdefault(kind, {})
+        if not isinstance(section, dict):
+            raise EngineError(f"{kind} in {src} must be an object")
+        settle(section, "enabled", t.precision == kind, "(train.precision == " + kind + ")", f"{kind}.enabled")
+    if t.precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+        ds["fp16"].setdefault("initial_scale_power", 16)
+    if not ds["fp16"]["enabled"] and list(ds["fp16"]) == ["enabled"]:
+        ds.pop("fp16")
+    if not ds["bf16"]["enabled"] and list(ds["bf16"]) == ["enabled"]:
+        ds.pop("bf16")
+
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = stage
+    for key, dev in (("offload_optimizer", opt_dev), ("offload_param", par_dev)):
+        section = zero.get(key) or {}
+        if dev == "none":
+            zero.pop(key, None)
+            continue
+        section["device"] = dev
+        section.setdefault("pin_memory", torch.cuda.is_available())
+        if dev == "nvme":
+            section["nvme_path"] = options.nvme_path
+        zero[key] = section
+    if options.reduce_bucket_size is not None:
+        settle(zero, "reduce_bucket_size", options.reduce_bucket_size, "backend.deepspeed.reduce_bucket_size",
+               "zero_optimization.reduce_bucket_size")
+    for key, fill in _FILL_FROM_HIDDEN.items():
+        if zero.get(key) == "auto":
+            if hidden_size:
+                zero[key] = fill(hidden_size)
+            else:
+                zero.pop(key)  # DeepSpeed's default
+    if zero.get("stage3_gather_16bit_weights_on_model_save") == "auto":
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+    # optimizer / scheduler sections: the engine builds both from train.*; the JSON may only agree
+    if "optimizer" in ds:
+        if optimizer is None:
+            optimizer = OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
+        section = ds.pop("optimizer") or {}
+        kind = str(section.get("type", "AdamW"))
+        if kind.lower() not in ("adam", "adamw"):
+            raise EngineError(f"optimizer.type={kind!r} in {src}: the engine trains with AdamW "
+                              f"(torch AdamW, or DeepSpeedCPUAdam with offload); use AdamW or remove the section")
+        params = dict(section.get("params") or {})
+        if kind.lower() == "adam" and params.get("adam_w_mode") is False:
+            raise EngineError(f"optimizer adam_w_mode=false in {src}: the engine's AdamW decouples weight decay")
+        ours = {"lr": optimizer.lr, "eps": optimizer.eps, "weight_decay": optimizer.weight_decay,
+                "betas": list(optimizer.betas)}
+        names = {"lr": "train.lr", "eps": "train.adam_eps", "weight_decay": "train.weight_decay",
+                 "betas": "[train.adam_beta1, train.adam_beta2]"}
+        for key, value in ours.items():
+            same = (lambda a, b: isinstance(a, list) and len(a) == 2 and all(close(x, y) for x, y in zip(a, b))) \
+                if key == "betas" else close
+            settle(params, key, value, names[key], f"optimizer.params.{key}", same)
+    if "scheduler" in ds:
+        section = ds.pop("scheduler") or {}
+        kind = str(section.get("type", ""))
+        if kind not in _SCHEDULER_TYPES:
+            raise EngineError(f"scheduler.type={kind!r} in {src} is not supported; the engine's schedulers are "
+                              f"train.scheduler (transformers): remove the section or use one of "
+                              f"{', '.join(_SCHEDULER_TYPES)}")
+        if cfg.train.scheduler not in _SCHEDULER_TYPES[kind]:
+            raise EngineError(f"scheduler.type={kind!r} in {src} conflicts with train.scheduler="
+                              f"{cfg.train.scheduler!r} (it means {' or '.join(_SCHEDULER_TYPES[kind])})")
+        params = dict(section.get("params") or {})
+        if scheduler is None:  # preflight: total steps are known only once the data is
+            params.pop("warmup_num_steps", None), params.pop("total_num_steps", None)
+            scheduler = SchedulerSpec(cfg.train.scheduler, "auto", "auto")
+        settle(params, "warmup_num_steps", scheduler.warmup_steps, "round(train.warmup_ratio x total steps)",
+               "scheduler.params.warmup_num_steps")
+        settle(params, "warmup_max_lr", optimizer.lr if optimizer else cfg.train.lr, "train.lr",
+               "scheduler.params.warmup_max_lr", close)
+        settle(params, "warmup_min_lr", 0.0, "the engine's warm-up start", "scheduler.params.warmup_min_lr", close)
+        if kind != "WarmupLR":
+            settle(params, "total_num_steps", scheduler.total_steps, "the run's total steps",
+                   "scheduler.params.total_num_steps")
+
+    ds.setdefault("steps_per_print", 2**31 - 1)  # the engine logs progress itself
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["zero_allow_untested_optimizer"] = True
+    if opt_dev != "none":
+        ds["zero_force_ds_cpu_optimizer"] = True  # we pass DeepSpeedCPUAdam ourselves
+    leftover = _find_auto(ds)
+    if leftover:
+        raise EngineError(f"{leftover}=\"auto\" in {src}: the engine has no value for it; set it explicitly "
+                          f"or remove it")
+    return ds
+
+
+def _find_auto(node, prefix="") -> str | None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _find_auto(v, f"{prefix}{k}.")
+            if found:
+                return found
+    elif node == "auto":
+        return prefix.rstrip(".")
+    return None
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """engine.optim.param_groups' rule (decay on matrices only) on the parameters' real shapes:
+    under ZeRO-3 a partitioned parameter's own shape is empty and its full shape is `ds_shape`."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _import_deepspeed():
+    """Import deepspeed with the CPU accelerator picked explicitly when there is no CUDA (silences
+    DeepSpeed's auto-detection warning)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    return deepspeed
+
+
+def _hidden_size(conf) -> int | None:
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(conf, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+@register_backend("deepspeed", DeepSpeedOptions)
+class DeepSpeedBackend(Backend):
+
+    @classmethod
+    def init_distributed(cls, timeout_s: float = 600) -> None:
+        if "WORLD_SIZE" not in os.environ:
+            return
+        deepspeed = _import_deepspeed()
+        from datetime import timedelta
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # joins the torch process group (or wraps one a caller made) and builds DeepSpeed's comm layer
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))
+
+    @classmethod
+    def preflight(cls, cfg) -> None:
+        """Before `engine launch` spawns processes: deepspeed importable, the user's JSON consistent
+        with the engine config (all but the values that need the data or the process count)."""
+        import importlib.util
+        if importlib.util.find_spec("deepspeed") is None:
+            raise EngineError("backend deepspeed needs the deepspeed package: pip install 'engine[deepspeed]' "
+                              "(deepspeed and ninja)")
+        build_ds_config(cfg, cfg.backend_options("deepspeed"), None, None)
+
+    def __init__(self, cfg, options: DeepSpeedOptions) -> None:
+        super().__init__(cfg, options)
+        self.stage, self.offload_optimizer, self.offload_params = options.resolved_zero()
+        self.engine = None
+        self._hf_ds_config = None
+        self._grad_norm_fallback = False
+
+    # -- set-up ---------------------------------------------------------------------------
+    def setup(self, build_model, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
+        deepspeed = _import_deepspeed()
+        logging.getLogger("DeepSpeed").setLevel(self.options.log_level.upper())
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(self.options.log_level.upper())
+        from engine.optim import build_scheduler
+
+        # first without the model: "auto" sizes that depend on its width fall back to DeepSpeed's
+        # defaults for zero.Init (which does not use them); settled below once the model exists
+        self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, None, optimizer, scheduler)
+        if "nvme" in (self.offload_optimizer, self.offload_params):
+            if not deepspeed.ops.__compatible_ops__.get("async_io", False):
+                raise EngineError("nvme offload needs DeepSpeed's async_io op (libaio-dev and a DeepSpeed "
+                                  "build that supports it on this machine); use offload ... =cpu instead")
+
+        if self.stage == 3:
+            # ZeRO-3: parameters are partitioned while the model is built: transformers' from_config /
+            # from_pretrained see the live HfDeepSpeedConfig and construct under deepspeed.zero.Init,
+            # so a model that does not fit on one device can still be loaded.
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+            module = build_model()
+            if not all(hasattr(p, "ds_id") for p in module.parameters()):
+                raise EngineError("ZeRO-3: the model was not built partitioned (not a transformers model?)")
+        else:
+            module = build_model()
+        self.module = module
+        hidden = _hidden_size(getattr(module, "config", None))
+        if hidden:
+            self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, hidden, optimizer, scheduler)
+
+        groups = [g for g in _param_groups(module, optimizer.weight_decay) if g["params"]]
+        if self.offload_optimizer != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            opt = DeepSpeedCPUAdam(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                                   weight_decay=optimizer.weight_decay, adamw_mode=True)
+            self.optimizer_name = "DeepSpeedCPUAdam"
+        else:
+            opt = torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                                    foreach=False)  # as engine.optim.adamw: identical update order
+            self.optimizer_name = "torch.optim.AdamW"
+        self.basic_optimizer = opt
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                                                 config=self.ds_config)
+        # on the optimizer whose param_groups DeepSpeed kept (ZeRO swaps their params for its flat
+        # partitions but keeps the group dicts, so the lr this scheduler sets is the lr used)
+        self.scheduler = build_scheduler(opt, scheduler)
+        self.model = self.engine
+        # Stage 0 in fp32 has no ZeRO optimizer wrapper, so DeepSpeed keeps no norm: measure it with
+        # DeepSpeed's own global-norm helper before its step (grads are all-reduced by then).
+        self._grad_norm_fallback = not hasattr(self.engine.optimizer, "_global_grad_norm")
+
+    # -- training ---------------------------------------------------------------------------
+    def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+        # the loop's accumulation window is DeepSpeed's: reduce (stage 0/1) and step only at its end
+        self.engine.set_gradient_accumulation_boundary(sync_grads)
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
+        return loss.detach().float()
+
+    def step(self) -> StepInfo:
+        self.engine.set_gradient_accumulation_boundary(True)
+        measured = None
+        if self._grad_norm_fallback:
+            from deepspeed.runtime.utils import get_global_norm_of_tensors
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            measured = float(get_global_norm_of_tensors(grads)) if grads else 0.0
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        self.scheduler.step()  # also after an fp16 overflow skip, as under DDP
+        norm = self.engine.get_global_grad_norm() if measured is None else measured
+        if isinstance(norm, torch.Tensor):
+            norm = float(norm)
+        return StepInfo(grad_norm=None if norm is None else float(norm), skipped=not applied, lr=lr)
+
+    @torch.no_grad()
+    def eval_forward(self, batch) -> torch.Tensor:
+        # under ZeRO-3 the forward gathers parameters collectively: every rank must call it the
+        # same number of times (the loop gives every data-parallel rank the same number of batches)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.engine(**inputs).logits
+
+    def train_mode(self, training: bool) -> None:
+        self.engine.train(training)
+
+    # -- state ------------------------------------------------------------------------------
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
+                                    client_state={"engine_scheduler": self.scheduler.state_dict()},
+                                    save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, client = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if path is None:
+            raise EngineError(f"no DeepSpeed checkpoint in {directory / CHECKPOINT_TAG} (was it written by "
+                              f"another backend?)")
+        self.scheduler.load_state_dict(client["engine_scheduler"])
+
+    def export_pretrained(self, directory: Path) -> None:
+        """Consolidated HF folder on rank 0. Weights are the module's: fp32 when training in fp32,
+        the 16-bit compute copy under bf16/fp16 (the weights the logged evals ran with)."""
+        if self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective: all ranks call
+        else:
+            state = self.module.state_dict() if self.is_main else None
+        if self.is_main:
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    # -- reporting --------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {"zero_stage": self.stage, "optimizer": getattr(self, "optimizer_name", "?"),
+                "offload_optimizer": self.offload_optimizer, "offload_params": self.offload_params,
+                "precision": self.cfg.train.precision, "gradient_clipping": self.cfg.train.max_grad_norm}
+
+    def close(self) -> None:
+        if self._hf_ds_config is not None:
+            # the global HfDeepSpeedConfig would make later models in this process build under ZeRO-3
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
+            self._hf_ds_config = None
+        if self.engine is not None:
+            try:
+                self.engine.destroy()
+            except Exception:  # older DeepSpeed: nothing to release
+                pass
+            self.engine = None
