@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 _APPLIED = False
+ORIGINALS: dict = {}  # upstream objects as they were before apply(): the gap tests inspect these
 
 # name -> one-line reason (docs/colossal.md prints this table)
 PATCHES = {
@@ -71,6 +72,7 @@ def apply() -> None:
 def _patch_cpu_accelerator() -> None:
     from colossalai.accelerator.cpu_accelerator import CpuAccelerator
 
+    ORIGINALS["CpuAccelerator"] = dict(vars(CpuAccelerator))
     CpuAccelerator.synchronize = lambda self, device=None: torch.cpu.synchronize()
     CpuAccelerator.Stream = lambda self, device=None, priority=0, **kw: torch.cpu.Stream()
     CpuAccelerator.current_stream = lambda self, device=None: torch.cpu.current_stream()
@@ -91,7 +93,7 @@ def _patch_low_level_zero() -> None:
     from colossalai.accelerator import get_accelerator
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
-    original = LowLevelZeroOptimizer._sanity_checks
+    original = ORIGINALS["LowLevelZeroOptimizer._sanity_checks"] = LowLevelZeroOptimizer._sanity_checks
 
     @functools.wraps(original)
     def sanity_checks(self):
@@ -107,6 +109,7 @@ def _patch_low_level_zero() -> None:
 
 
 def _patch_pipeline_p2p() -> None:
+    ORIGINALS["dist.is_hccl_available"] = getattr(dist, "is_hccl_available", None)
     if not hasattr(dist, "is_hccl_available"):
         dist.is_hccl_available = lambda: False
 
@@ -114,7 +117,7 @@ def _patch_pipeline_p2p() -> None:
 def _patch_hybrid_plugin() -> None:
     from colossalai.booster.plugin.hybrid_parallel_plugin import HybridParallelPlugin
 
-    original_del = HybridParallelPlugin.__del__
+    original_del = ORIGINALS["HybridParallelPlugin.__del__"] = HybridParallelPlugin.__del__
 
     def quiet_del(self):
         with contextlib.suppress(Exception):
@@ -128,7 +131,7 @@ def _patch_qkv_gather() -> None:
         return
     import colossalai.shardformer.layer.qkv_fused_linear as qkv
 
-    original = qkv.gather_fused_qkv_in_gpt2_style
+    original = ORIGINALS["gather_fused_qkv_in_gpt2_style"] = qkv.gather_fused_qkv_in_gpt2_style
 
     @functools.wraps(original)
     def gather(*args, **kwargs):
@@ -156,6 +159,7 @@ def _patch_tp_partition_dim() -> None:
     import colossalai.checkpoint_io.hybrid_parallel_checkpoint_io as hpio
     import colossalai.checkpoint_io.utils as utils
 
+    ORIGINALS["search_tp_partition_dim"] = utils.search_tp_partition_dim
     utils.search_tp_partition_dim = _padded_search_tp_partition_dim
     hpio.search_tp_partition_dim = _padded_search_tp_partition_dim
 
@@ -164,13 +168,14 @@ def _patch_grad_norm_sharded() -> None:
     import colossalai.booster.plugin.hybrid_parallel_plugin as hpp
     from colossalai.tensor.d_tensor.api import is_customized_distributed_tensor, is_distributed_tensor
 
+    ORIGINALS["hybrid_parallel_plugin.is_distributed_tensor"] = hpp.is_distributed_tensor
     hpp.is_distributed_tensor = lambda t: is_distributed_tensor(t) or is_customized_distributed_tensor(t)
 
 
 def _patch_padded_unpad() -> None:
     import colossalai.tensor.padded_tensor.api as padded
 
-    original = padded._hijack_back_detach_and_clone
+    original = ORIGINALS["_hijack_back_detach_and_clone"] = padded._hijack_back_detach_and_clone
 
     @functools.wraps(original)
     def hijack_back(ptensor):
