@@ -226,6 +226,15 @@ def test_pp_with_zero2_is_refused():
                            "backend.colossal.zero_stage=2"], backend="colossal")
 
 
+def test_hybrid_zero_in_fp32_is_refused_before_launch():
+    from backends.colossal import ColossalBackend
+    from engine.config import load_config
+    from engine.errors import EngineError
+    cfg = load_config(None, ["backend.colossal.plugin=hybrid", "backend.colossal.zero_stage=1"], backend="colossal")
+    with pytest.raises(EngineError, match="zero_stage=1 needs train.precision=bf16 or fp16"):
+        ColossalBackend.preflight(cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # compat.py: every patch's upstream gap must still exist, or the patch has outlived its reason
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,15 @@ def _require_colossalai() -> None:
                           f"({INSTALL_HINT.split('; ', 1)[1]})") from None
 
 
+def _config_error(cfg, options: ColossalOptions) -> str | None:
+    """What ColossalAI would refuse with an assert deep inside boost(), said up front."""
+    if options.plugin == "hybrid" and options.zero_stage and cfg.train.precision == "fp32":
+        return (f"backend.colossal.zero_stage={options.zero_stage} needs train.precision=bf16 or fp16 "
+                "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
+                "for fp32 ZeRO use backend.colossal.plugin=low_level_zero)")
+    return _cpu_only_reason(options)
+
+
 def _cpu_only_reason(options: ColossalOptions) -> str | None:
     if torch.cuda.is_available():
         return None
@@ -94,7 +103,7 @@ class ColossalBackend(Backend):
     @classmethod
     def preflight(cls, cfg) -> None:
         _require_colossalai()
-        reason = _cpu_only_reason(cfg.backend_options("colossal"))
+        reason = _config_error(cfg, cfg.backend_options("colossal"))
         if reason:
             raise EngineError(reason)
 
@@ -111,7 +120,7 @@ class ColossalBackend(Backend):
     def __init__(self, cfg, options: ColossalOptions) -> None:
         super().__init__(cfg, options)
         _require_colossalai()
-        reason = _cpu_only_reason(options)
+        reason = _config_error(cfg, options)
         if reason:
             raise EngineError(reason)
         from backends.colossal import compat
@@ -163,6 +172,7 @@ class ColossalBackend(Backend):
             max_norm=max_norm, initial_scale=o.initial_scale, enable_all_optimization=False,
             enable_fused_normalization=False, enable_flash_attention=False, enable_jit_fused=False,
             enable_sequence_parallelism=False, parallel_output=True,
+            overlap_communication=torch.cuda.is_available(),  # ZeRO's comm stream needs CUDA (record_stream)
             custom_policy=policy_for(self.cfg.task), **kwargs)
 
     # -- data-parallel layout ----------------------------------------------------------------
@@ -254,15 +264,23 @@ class ColossalBackend(Backend):
                 self.optimizer.unscale_grad()
             max_norm = t.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        fp16 = t.precision == "fp16"
+        steps_before = self._optimizer_steps() if fp16 else 0.0
         self.optimizer.step()
+        # fp16 overflow: ColossalAI's scalers skip the update silently (and with hysteresis do not
+        # always lower the scale), so a skipped step is one where AdamW's step counters did not move
+        skipped = fp16 and self._optimizer_steps() == steps_before
         if grad_norm is None:
             norm = self.optimizer.get_grad_norm()
             grad_norm = float(norm) if norm is not None else None
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad()
-        skipped = False  # TODO: fp16 overflow detection per plugin
         return StepInfo(grad_norm=grad_norm, skipped=skipped, lr=lr)
+
+    def _optimizer_steps(self) -> float:
+        inner = getattr(self.optimizer, "optim", self.optimizer)
+        return sum(float(state.get("step", 0)) for state in inner.state.values())
 
     @torch.no_grad()
     def eval_forward(self, batch) -> torch.Tensor:

@@ -95,7 +95,8 @@ def _lm_head_and_loss(model, hidden, labels, shard_config):
     logits = model.lm_head(hidden)
     loss = None
     if labels is not None:
-        loss = dist_cross_entropy(labels, logits, shard_config, model.lm_head.out_features, logits.dtype)
+        # fp32 loss whatever the compute dtype, as transformers' own causal-LM loss does
+        loss = dist_cross_entropy(labels, logits.float(), shard_config, model.lm_head.out_features, torch.float32)
     if not model.training:
         logits = full_logits(model.lm_head, logits, shard_config)
     return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
