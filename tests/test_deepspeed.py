@@ -1,0 +1,367 @@
+"""DeepSpeed ZeRO backend: real 2-process runs on CPU (gloo), fp32, dropout 0.
+
+All training scenarios (DDP references, ZeRO 0-3, ZeRO-2/3 with CPU optimizer offload, ZeRO-3
+with parameter offload, resume, a seed-style DeepSpeed JSON) run inside ONE torchrun job through
+tests/drivers/run_many.py, so the 5-18 s torch/transformers import and DeepSpeed's comm set-up are
+paid once. Only the conflicting-JSON case goes through the real CLI (it fails in preflight, before
+any worker starts).
+
+Cold machine: DeepSpeed JIT-builds deepspeed_shm_comm (about 1.5 min) and cpu_adam (3-8 min) into
+TORCH_EXTENSIONS_DIR; the Makefile keeps that cache outside the checkout so later runs reuse it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
+
+SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
+STEPS = 4
+TOL = 1e-6
+CLIP = 0.5  # the tiny model's gradient norms are ~1-6 at these steps: this clips every step
+
+# (label, backend name, deepspeed options)
+VARIANTS = [
+    ("ddp", "ddp", {}),
+    ("zero0", "deepspeed", {"zero_stage": 0}),
+    ("zero1", "deepspeed", {"zero_stage": 1}),
+    ("zero2", "deepspeed", {"zero_stage": 2}),
+    ("zero3", "deepspeed", {"zero_stage": 3}),
+    ("zero2+opt-cpu", "deepspeed", {"zero_stage": 2, "offload_optimizer": "cpu"}),
+    ("zero3+opt-cpu", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu"}),
+    ("zero3+opt+param-cpu", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}),
+]
+# every task runs with clipping off and on, grad_accum 1 and 2 (crossed so both values of each
+# appear for both tasks without running all four combinations per task)
+SETTINGS = {
+    "clm-noclip-ga1": ("clm", 0.0, 1),
+    "clm-clip-ga2": ("clm", CLIP, 2),
+    "cls-clip-ga1": ("cls", CLIP, 1),
+    "cls-noclip-ga2": ("cls", 0.0, 2),
+}
+
+
+def small_data(root: Path) -> dict:
+    """Excerpts of the shared data (the first lines of tiny Shakespeare, of MRPC's train and dev
+    TSVs), so each of the many scenarios tokenizes little."""
+    root.mkdir(parents=True, exist_ok=True)
+    clm = root / "shakespeare-excerpt.txt"
+    clm.write_text("".join(SHAKESPEARE.read_text().splitlines(keepends=True)[:3000]))
+    mrpc = root / "MRPC"
+    mrpc.mkdir(exist_ok=True)
+    for name, n in (("train.tsv", 200), ("dev.tsv", 40)):
+        lines = (MRPC / name).read_bytes().splitlines(keepends=True)[:n + 1]  # + header (with its BOM)
+        (mrpc / name).write_bytes(b"".join(lines))
+    return {"clm": clm, "cls": mrpc}
+
+
+DATA: dict = {"clm": SHAKESPEARE, "cls": MRPC}
+
+
+def base_config(task: str, model: Path, out: Path, max_grad_norm: float, grad_accum: int) -> dict:
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 2e-3,
+             "warmup_ratio": 0.25, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": max_grad_norm,
+             "log_every": 1, "seed": 7, "precision": "fp32",
+             "eval_batch_size": 3}  # 7 eval examples: 4 on rank 0 (2 batches), 3 on rank 1 (1 batch)
+    if task == "clm":
+        return {"task": "causal_lm", "model": {"name_or_path": str(model)},
+                "data": {"train": str(DATA["clm"]), "block_size": 32, "validation_split": 0.02,
+                         "max_train_samples": 64, "max_eval_samples": 7},
+                "train": train, "output_dir": str(out)}
+    return {"task": "classification", "model": {"name_or_path": str(model)},
+            "data": {"train": str(DATA["cls"]), "glue_task": "mrpc", "block_size": 64, "max_train_samples": 64,
+                     "max_eval_samples": 7},
+            "train": train, "output_dir": str(out)}
+
+
+def with_backend(cfg: dict, name: str, options: dict) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    cfg["backend"] = {"name": name, **({name: options} if options else {})}
+    return cfg
+
+
+def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
+    spec = workdir / "scenarios.json"
+    spec.write_text(json.dumps(scenarios, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.home() / ".cache/engine/torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests/drivers/run_many.py"), str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"run_many failed ({proc.returncode}); log in {workdir / 'job.log'}:\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def job(tiny_gpt2, tmp_path_factory):
+    """One torchrun job with every training scenario of this file."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    DATA.update(small_data(root / "data"))
+    runs, scenarios = {}, []
+    for setting, (task, clip, ga) in SETTINGS.items():
+        for label, name, options in VARIANTS:
+            out = root / setting / label
+            runs[(setting, label)] = out
+            scenarios.append(with_backend(base_config(task, tiny_gpt2, out, clip, ga), name, options))
+    # resume: stopped at step 2 (checkpoint written), then relaunched to the end in the same dir;
+    # compared with the uninterrupted clm-clip-ga2 runs of the same stage
+    for label in ("zero2", "zero3"):
+        options = next(o for name, _, o in VARIANTS if name == label)
+        out = root / "resume" / label
+        runs[("resume", label)] = out
+        cfg = with_backend(base_config("clm", tiny_gpt2, out, CLIP, 2), "deepspeed", options)
+        stopped = json.loads(json.dumps(cfg))
+        stopped["train"]["stop_at_step"] = 2
+        scenarios += [stopped, cfg]
+    # a seed-project DeepSpeed JSON full of "auto" (stage 2, CPU optimizer offload, WarmupDecayLR)
+    out = root / "seed-json"
+    runs[("seed-json", "")] = out
+    scenarios.append(with_backend(base_config("clm", tiny_gpt2, out, CLIP, 2), "deepspeed",
+                                  {"config_file": str(SEED_JSON)}))
+    # bf16 under ZeRO-3 (DeepSpeed's own mixed precision: bf16 weights, fp32 master copy)
+    out = root / "bf16-zero3"
+    runs[("bf16", "zero3")] = out
+    cfg = with_backend(base_config("clm", tiny_gpt2, out, 0.0, 1), "deepspeed", {"zero_stage": 3})
+    cfg["train"]["precision"] = "bf16"
+    scenarios.append(cfg)
+    # DeepSpeed scenario first: its backend joins the process group (deepspeed.init_distributed)
+    scenarios.sort(key=lambda c: c["backend"]["name"] != "deepspeed")
+    started = time.perf_counter()
+    proc = run_many(scenarios, root)
+    return {"runs": runs, "root": root, "log": proc.stdout + proc.stderr, "seconds": time.perf_counter() - started,
+            "model": tiny_gpt2, "n": len(scenarios)}
+
+
+def parity_table(job) -> str:
+    lines = [f"{len(VARIANTS)} variants x {len(SETTINGS)} settings, {STEPS} steps each, 2 processes (gloo), fp32; "
+             f"max |loss - DDP loss| over all steps in the last column. One torchrun job of {job['n']} scenarios "
+             f"took {job['seconds']:.0f} s.", ""]
+    for setting, (task, clip, ga) in SETTINGS.items():
+        ref = losses(job["runs"][(setting, "ddp")])
+        norms = [m["grad_norm"] for m in metrics(job["runs"][(setting, "ddp")])]
+        lines.append(f"**{setting}** ({'causal LM, tiny Shakespeare' if task == 'clm' else 'classification, MRPC'}; "
+                     f"max_grad_norm={clip}, grad_accum={ga}; DDP grad norms "
+                     f"{', '.join(f'{n:.3f}' for n in norms)})")
+        lines.append("")
+        lines.append("| variant | " + " | ".join(f"step {i + 1}" for i in range(STEPS)) + " | max abs diff |")
+        lines.append("|---" * (STEPS + 2) + "|")
+        for label, _, _ in VARIANTS:
+            values = losses(job["runs"][(setting, label)])
+            diff = max(abs(a - b) for a, b in zip(values, ref)) if len(values) == len(ref) else float("nan")
+            lines.append(f"| {label} | " + " | ".join(f"{v:.7f}" for v in values) + f" | {diff:.1e} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_parity_with_ddp(job, capsys):
+    table = parity_table(job)
+    (job["root"] / "parity.md").write_text(table)
+    with capsys.disabled():  # shown without -s
+        print("\n\nDeepSpeed vs DDP per-step losses\n" + table)
+    failures = []
+    for setting in SETTINGS:
+        ref = losses(job["runs"][(setting, "ddp")])
+        assert len(ref) == STEPS
+        for label, _, _ in VARIANTS[1:]:
+            values = losses(job["runs"][(setting, label)])
+            if len(values) != STEPS or max(abs(a - b) for a, b in zip(values, ref)) > TOL:
+                failures.append(f"{setting} {label}: {values} vs ddp {ref}")
+    assert not failures, "\n".join(failures)
+
+
+def test_clipping_actually_clips_and_grad_norms_match(job):
+    for setting, (_, clip, _) in SETTINGS.items():
+        ref = [m["grad_norm"] for m in metrics(job["runs"][(setting, "ddp")])]
+        if clip:
+            assert min(ref) > clip, (setting, ref)  # every step is clipped
+        for label, _, _ in VARIANTS[1:]:
+            norms = [m["grad_norm"] for m in metrics(job["runs"][(setting, label)])]
+            # ZeRO computes the norm its own way (fp64 sums over flat partitions) rather than
+            # torch's clip_grad_norm_: equal to about 1e-5 on identical gradients
+            assert norms == pytest.approx(ref, rel=2e-4), (setting, label, norms, ref)
+
+
+def test_lr_schedule_and_eval_match_ddp(job):
+    for setting in SETTINGS:
+        ref = job["runs"][(setting, "ddp")]
+        for label, _, _ in VARIANTS[1:]:
+            run = job["runs"][(setting, label)]
+            assert [m["lr"] for m in metrics(run)] == [m["lr"] for m in metrics(ref)]
+            assert metrics(run, "eval")[-1]["eval_loss"] == pytest.approx(metrics(ref, "eval")[-1]["eval_loss"],
+                                                                          abs=1e-5)
+
+
+def test_resume_is_exact(job):
+    for label in ("zero2", "zero3"):
+        resumed = job["runs"][("resume", label)]
+        assert losses(resumed) == losses(job["runs"][("clm-clip-ga2", label)]), label
+        ckpt = resumed / "checkpoints" / "step-2" / "deepspeed"
+        assert ckpt.is_dir(), sorted(p.name for p in (resumed / "checkpoints").iterdir())
+        assert any("optim_states" in p.name for p in ckpt.iterdir())  # DeepSpeed's sharded native files
+
+
+def test_zero3_export_loads_in_plain_transformers(job):
+    """model/ of a ZeRO-3 run (and of the ZeRO-3 + param offload run) is a consolidated safetensors
+    folder: plain transformers gives the eval loss the engine logged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import config_from_dict
+    from engine.tasks import Collective
+    from engine.worker import prepare_run
+
+    for label in ("zero3", "zero3+opt+param-cpu"):
+        run = job["runs"][("clm-noclip-ga1", label)]
+        model_dir = run / "model"
+        assert (model_dir / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert next(model.parameters()).dtype == torch.float32
+        cfg = config_from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
+        task, _, data, _ = prepare_run(cfg)
+        state = task.eval_init()
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(data.eval), 4):
+                idx = list(range(start, min(start + 4, len(data.eval))))
+                batch = task.collate([data.eval[i] for i in idx])
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                task.eval_update(state, logits, batch, idx)
+        got = task.eval_finish(state, Collective(lambda t: t, lambda o: [o]), torch.device("cpu"))
+        logged = metrics(run, "eval")[-1]
+        assert got["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5), (label, got, logged)
+
+
+def test_zero3_export_runs_in_a_pipeline(job):
+    from transformers import pipeline
+    model_dir = job["runs"][("clm-noclip-ga1", "zero3")] / "model"
+    out = pipeline("text-generation", model=str(model_dir))("ROMEO:", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("ROMEO:")
+
+
+def test_classification_export_from_zero3(job):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(job["runs"][("cls-clip-ga1", "zero3")] / "model")
+    assert model.config.num_labels == 2
+
+
+def test_describe_logs_optimizer_choice(job):
+    log = job["log"]
+    assert "'zero_stage': 3, 'optimizer': 'DeepSpeedCPUAdam'" in log
+    assert "'zero_stage': 2, 'optimizer': 'torch.optim.AdamW'" in log
+
+
+def test_bf16_zero3_trains_and_exports(job):
+    import torch
+    from transformers import AutoModelForCausalLM
+    run = job["runs"][("bf16", "zero3")]
+    fp32 = losses(job["runs"][("clm-noclip-ga1", "ddp")])
+    values = losses(run)
+    assert len(values) == STEPS and values == pytest.approx(fp32, abs=0.05)  # bf16 rounding, same run
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert next(model.parameters()).dtype == torch.bfloat16  # the weights it computed with
+
+
+def test_seed_style_json_with_auto_runs(job):
+    run = job["runs"][("seed-json", "")]
+    assert len(losses(run)) == STEPS
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    # the JSON's auto clipping became train.max_grad_norm, its AdamW the engine's (CPU Adam: offload)
+    assert losses(run) == pytest.approx(losses(job["runs"][("clm-clip-ga2", "zero2+opt-cpu")]), abs=TOL)
+
+
+# -- config handling: cheap, in-process (no deepspeed import needed) ------------------------------
+def _cfg(tmp_path, ds: dict | None, **train):
+    from engine.config import config_from_dict, validate
+    raw = base_config("clm", tmp_path, tmp_path / "out", train.pop("max_grad_norm", 0.0), 1)
+    raw["train"].update(train)
+    options = {}
+    if ds is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        options["config_file"] = str(path)
+    raw["backend"] = {"name": "deepspeed", "deepspeed": options}
+    raw["model"] = {"config": {"model_type": "gpt2"}}
+    raw["tokenizer"] = "x"
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def test_auto_values_are_filled_from_the_engine_config(tmp_path):
+    from backends.base import OptimizerSpec, SchedulerSpec
+    from backends.deepspeed_zero import build_ds_config
+    cfg = _cfg(tmp_path, json.loads(SEED_JSON.read_text()), max_grad_norm=0.7, grad_accum=3)
+    ds = build_ds_config(cfg, cfg.backend_options(), 2, 64, OptimizerSpec(2e-3, 0.01, (0.9, 0.999), 1e-8),
+                         SchedulerSpec("linear", 1, 4))
+    assert ds["gradient_clipping"] == 0.7
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_clipping_is_never_left_to_deepspeeds_default(tmp_path):
+    from backends.deepspeed_zero import build_ds_config
+    cfg = _cfg(tmp_path, None, max_grad_norm=0.0)
+    assert build_ds_config(cfg, cfg.backend_options(), 2, None)["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("ds, override, message", [
+    ({"train_micro_batch_size_per_gpu": 16}, {}, "train_micro_batch_size_per_gpu=16 in backend.deepspeed.config_file "
+                                                 "conflicts with train.micro_batch_size=2"),
+    ({"bf16": {"enabled": True}}, {}, "bf16.enabled=True in backend.deepspeed.config_file conflicts"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, {}, "optimizer.params.lr=0.0001 in "
+                                                                     "backend.deepspeed.config_file conflicts with train.lr=0.002"),
+    ({"zero_optimization": {"stage": 3}}, {"zero_stage": 1}, "backend.deepspeed.zero_stage=1 conflicts with "
+                                                             "zero_optimization.stage=3"),
+    ({"scheduler": {"type": "WarmupCosineLR"}}, {}, "conflicts with train.scheduler='linear'"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, "offload_params=cpu needs zero_stage=3"),
+])
+def test_conflicting_json_values_are_errors(tmp_path, ds, override, message):
+    from backends.deepspeed_zero import build_ds_config
+    from engine.errors import EngineError
+    with pytest.raises(EngineError) as err:
+        cfg = _cfg(tmp_path, ds)
+        if override:
+            cfg.backend.options["deepspeed"].update(override)
+        build_ds_config(cfg, cfg.backend_options(), 2, None)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_option_validation_names_the_key():
+    from backends.deepspeed_zero import DeepSpeedOptions
+    from engine.errors import EngineError
+    with pytest.raises(EngineError, match=r"backend.deepspeed.zero_stage must be 0-3, got 5"):
+        DeepSpeedOptions(zero_stage=5)
+    with pytest.raises(EngineError, match="backend.deepspeed.offload_optimizer must be one of none, cpu, nvme"):
+        DeepSpeedOptions(offload_optimizer="gpu")
+    with pytest.raises(EngineError, match="backend.deepspeed.nvme_path is required"):
+        DeepSpeedOptions(zero_stage=3, offload_params="nvme")
+
+
+def test_conflicting_json_fails_through_the_cli_before_spawning(tiny_gpt2, tmp_path):
+    """The classic trap: a seed JSON with gradient_clipping 1.0 while the engine config turns clipping
+    off. It must be an error naming both values, not a silent pick."""
+    ds = json.loads(SEED_JSON.read_text())
+    ds["gradient_clipping"] = 1.0
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = base_config("clm", tiny_gpt2, tmp_path / "out", 0.0, 1)
+    args = ["launch", "--gpus", "0", "--nproc", "2", "--backend", "deepspeed", f"model.name_or_path={tiny_gpt2}",
+            f"data.train={SHAKESPEARE}", "data.max_train_samples=16", "train.max_steps=2", "train.max_grad_norm=0",
+            f"backend.deepspeed.config_file={path}", f"output_dir={cfg['output_dir']}"]
+    proc = run_engine(args, check=False, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "gradient_clipping=1.0" in errors[0] and "train.max_grad_norm=0.0" in errors[0], proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
