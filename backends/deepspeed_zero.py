@@ -326,6 +326,13 @@ class DeepSpeedBackend(Backend):
         # first without the model: "auto" sizes that depend on its width fall back to DeepSpeed's
         # defaults for zero.Init (which does not use them); settled below once the model exists
         self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, None, optimizer, scheduler)
+        from deepspeed.accelerator import get_accelerator
+        accel = get_accelerator()
+        precision = self.cfg.train.precision
+        if (precision == "fp16" and not accel.is_fp16_supported()) or \
+                (precision == "bf16" and not accel.is_bf16_supported()):
+            raise EngineError(f"train.precision={precision} is not supported by DeepSpeed on this device "
+                              f"({accel.device_name()}); use " + ("bf16 or fp32" if precision == "fp16" else "fp32"))
         if "nvme" in (self.offload_optimizer, self.offload_params):
             if not deepspeed.ops.__compatible_ops__.get("async_io", False):
                 raise EngineError("nvme offload needs DeepSpeed's async_io op (libaio-dev and a DeepSpeed "
