@@ -72,6 +72,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
+    save_final: bool = True           # false: no final checkpoint and no model export (benchmarks)
 
 
 @dataclass

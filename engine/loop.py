@@ -45,6 +45,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
 
     seed_everything(t.seed)
+    rss_before_setup = _current_rss_mb()
     backend.setup(build_model,
                   OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps),
                   SchedulerSpec(t.scheduler, round(t.warmup_ratio * total_steps), total_steps))
@@ -111,22 +112,50 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
             break
 
     progress.close()
-    if state.step != last_saved:
+    _write_rank_memory(backend, metrics, state.step, rss_before_setup)
+    if state.step != last_saved and t.save_final:
         save_checkpoint(backend, output_dir, state, t.keep_last)
     result = {"step": state.step, "finished": finished}
     if finished:
         result.update(_evaluate(cfg, backend, task, data, collective, metrics, state.step))
         export_dir = Path(output_dir) / "model"
-        backend.export_pretrained(export_dir)
+        if t.save_final:
+            backend.export_pretrained(export_dir)
         if main:
-            tokenizer.save_pretrained(export_dir)
+            if t.save_final:
+                tokenizer.save_pretrained(export_dir)
             write_run_status(output_dir, "finished", step=state.step, total_steps=total_steps)
-            log(f"finished: model saved to {export_dir}")
+            log(f"finished: model saved to {export_dir}" if t.save_final else "finished (train.save_final=false: "
+                "no final checkpoint or model export)")
     elif main:
         log(f"stopped at step {state.step} (train.stop_at_step); relaunch with the same output_dir to resume")
     barrier()
     metrics.close()
     return result
+
+
+def _current_rss_mb() -> float | None:
+    """This process's resident memory now (Linux /proc), for the `memory` event's baseline."""
+    try:
+        import os
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _write_rank_memory(backend, metrics, step: int, rss_before_setup: float | None) -> None:
+    """One `memory` event after the training steps (before the final save/export): every rank's
+    peak memory_stats(), plus its host RSS just before the model was built (what training added
+    is the difference). Gathered over all ranks, not only the data-parallel group."""
+    mine = {k: round(v, 1) for k, v in backend.memory_stats().items()}
+    if rss_before_setup is not None:
+        mine["host_rss_before_setup_mb"] = round(rss_before_setup, 1)
+    per_rank = [mine]
+    if dist.is_initialized():
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, mine)
+    metrics.write("memory", step, per_rank=per_rank)
 
 
 def _new_window() -> dict:
