@@ -186,5 +186,79 @@ def plot(run_dir, output):
     click.echo(str(path))
 
 
+
+@main.command()
+@click.option("--backends", default="ddp,deepspeed:zero0,deepspeed:zero1,deepspeed:zero2,deepspeed:zero3",
+              show_default=True, help="comma list: ddp, deepspeed:zeroN[+offload|+offload_opt], "
+              "colossal:torch_ddp|low_level_zero|zero2|gemini|hybrid+tp2, any +gc (gradient checkpointing)")
+@click.option("--baselines", default="trainer,hand", show_default=True,
+              help="reference runs in the same bench: trainer (HF Trainer), hand (plain PyTorch loop); '' for none")
+@click.option("--models", default="tiny", show_default=True,
+              help="comma list: tiny, micro, gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-neo-1.3B, gpt-neo-2.7B, gpt-j-6B")
+@click.option("--gpus", type=int, default=None, help="GPUs (one process each); default: all present, 0 = CPU")
+@click.option("--nproc", type=int, default=None, help="CPU processes when --gpus 0 (default 2)")
+@click.option("--seq", type=int, default=128, show_default=True)
+@click.option("--micro-batch", type=int, default=4, show_default=True, help="per rank")
+@click.option("--steps", type=int, default=10, show_default=True, help="measured steps")
+@click.option("--warmup", type=int, default=3, show_default=True, help="steps run first and not measured")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="default: bf16 on GPUs, fp32 on CPU")
+@click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--work-dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False),
+              help="run directories and logs (not results)")
+@click.option("--timeout", type=int, default=1200, show_default=True, help="seconds per run before it is killed")
+def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, warmup, precision, out, work_dir,
+          timeout):
+    """Throughput and memory of each backend x model, each a short real training run, beside the HF
+    Trainer and a hand-written loop run the same way. Writes one JSON per run, RESULTS.md and chart.png."""
+    from engine.bench.runner import run_matrix
+    if gpus is None:
+        gpus = _gpu_count()
+    if gpus > 0 and nproc is not None and nproc != gpus:
+        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
+    procs = gpus if gpus > 0 else (nproc or 2)
+    if min(procs, seq, micro_batch, steps) < 1 or warmup < 0:
+        raise EngineError("--nproc, --seq, --micro-batch and --steps must be >= 1, --warmup >= 0")
+    specs = [b for b in backends.split(",") if b.strip()] + [b for b in baselines.split(",") if b.strip()]
+    try:
+        run_matrix(specs, [m for m in models.split(",") if m.strip()], gpus=gpus, procs=procs, seq=seq,
+                   micro_batch=micro_batch, steps=steps, warmup=warmup,
+                   precision=precision or ("bf16" if gpus > 0 else "fp32"), out=Path(out),
+                   work_dir=Path(work_dir), timeout=timeout, echo=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gpus", type=int, default=8, show_default=True, help="GPUs per node")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--gpu-memory", default="80GB", show_default=True, help="per GPU, e.g. 80GB, 24GB")
+@click.option("--seq", type=int, default=None, help="default: the model's context length")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="per GPU")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (bytes)")
+def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, as_json):
+    """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
+    import json as _json
+    from engine.bench import estimate as est
+    from engine.bench.flops import parse_model
+    try:
+        arch = parse_model(model)
+        memory = est.parse_size(gpu_memory)
+    except (ValueError, KeyError) as e:
+        raise EngineError(str(e)) from None
+    if min(gpus, nodes, micro_batch) < 1:
+        raise EngineError("--gpus, --nodes and --micro-batch must be >= 1")
+    seq = seq or arch.context
+    rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory)
+    if as_json:
+        click.echo(_json.dumps({"model": model, "gpus_per_node": gpus, "nodes": nodes, "seq": seq,
+                                "micro_batch": micro_batch, "precision": precision, "gpu_memory": memory,
+                                "rows": [r.to_dict() for r in rows]}, indent=1))
+    else:
+        click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,209 @@
+"""Predicted memory per rank for every backend / ZeRO stage / offload, with and without gradient
+checkpointing, and whether it fits a given device.
+
+Sources, per row (the `source` field says which):
+- `deepspeed`: DeepSpeed's own estimators, `estimate_zero2_model_states_mem_needs` and
+  `estimate_zero3_model_states_mem_needs` (what `estimate_zero{2,3}_model_states_mem_needs_all_live`
+  print), for ZeRO-2/3 with 16-bit training. They assume mixed precision (16-bit params and grads,
+  fp32 master weights and Adam moments) and the default 1.5 host buffer factor.
+- `formula`: ours, in bytes per parameter (P = parameter count, N = ranks, L = largest layer's
+  parameters, the gather buffer ZeRO-3 needs):
+
+  | backend                        | 16-bit (bf16/fp16)                    | fp32                         |
+  |--------------------------------|---------------------------------------|------------------------------|
+  | ddp, colossal:torch_ddp        | 4 p + 4 g + 8 opt + 4 bucket + 2 cast | 4 p + 4 g + 8 opt + 4 bucket |
+  | deepspeed:zero0                | 2 p + 6 g + 12 opt                    | 4 p + 4 g + 8 opt            |
+  | deepspeed:zero1, colossal:zero1| 2 p + (2 + 4/N) g + 12/N opt          | 4 p + 4 g + 12/N opt         |
+  | deepspeed:zero2, colossal:zero2| 2 p + 6/N g + 12/N opt  (= DeepSpeed) | 4 p + 4/N g + 12/N opt       |
+  | deepspeed:zero3, colossal:gemini| (2 p + 4 g + 12 opt)/N + 4 L (= DeepSpeed) | (4 + 4 + 12)/N + 4 L   |
+
+  DDP/torch_ddp keep fp32 weights under autocast (the 2 "cast" bytes are autocast's bf16 weight
+  copies) and a gradient bucket copy when N > 1. DeepSpeed/ColossalAI ZeRO keep an fp32 master
+  copy of their partition even in fp32 runs (12 = master 4 + Adam moments 8). Offload moves the
+  optimizer (and with +offload on ZeRO-3 also the parameters) to host memory, per node, with
+  DeepSpeed's buffer factor 1.5.
+
+Activations per rank (Korthikanti et al. 2022, "Reducing Activation Recomputation", no tensor
+parallelism), micro-batch b, sequence s, width h, heads a, layers l, vocabulary V:
+  per layer       c * s*b*h bytes, c = 34 for 16-bit (their figure) and 66 for fp32 (the same
+                  tensors at 4 bytes, dropout masks at 1); plus 5*a*s^2*b (16-bit) or 9*a*s^2*b
+                  (fp32) when attention is not a fused SDPA/flash kernel (GPT-Neo and GPT-J run
+                  eager attention)
+  logits + loss   b*s*V*14 bytes (16-bit: logits, their fp32 upcast, log-softmax, its gradient)
+                  or 12 (fp32)
+  with gradient checkpointing: each block's input (4*s*b*h, fp32 residual stream) for all l
+  layers, plus one layer's full activations while it is recomputed, plus logits + loss.
+
+A configuration fits when params + grads + optimizer + buffers + activations <= 90% of the
+device memory (10% is left for the CUDA context, allocator fragmentation and workspace).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from engine.bench.flops import param_counts, parse_model
+
+GiB = 2 ** 30
+FIT_FRACTION = 0.9
+BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default for host memory
+
+ROWS = ("ddp", "deepspeed:zero0", "deepspeed:zero1", "deepspeed:zero2", "deepspeed:zero2+offload",
+        "deepspeed:zero3", "deepspeed:zero3+offload_opt", "deepspeed:zero3+offload",
+        "colossal:torch_ddp", "colossal:zero1", "colossal:zero2", "colossal:gemini")
+EAGER_ATTENTION = ("gpt_neo", "gptj")
+
+
+@dataclass
+class Estimate:
+    backend: str
+    source: str             # deepspeed | formula
+    params: int             # bytes per rank on the device
+    grads: int
+    optim: int
+    buffers: int
+    act_full: int
+    act_ckpt: int
+    host_per_node: int      # offloaded states (host memory, per node)
+    fits_full: bool = False
+    fits_ckpt: bool = False
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optim + self.buffers
+
+    @property
+    def total_full(self) -> int:
+        return self.model_states + self.act_full
+
+    @property
+    def total_ckpt(self) -> int:
+        return self.model_states + self.act_ckpt
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "model_states": self.model_states, "total_full": self.total_full,
+                "total_ckpt": self.total_ckpt}
+
+
+def activation_bytes(model: str, seq: int, micro_batch: int, precision: str) -> tuple[int, int]:
+    """(without, with) gradient checkpointing, per rank; formulas in the module docstring."""
+    arch = parse_model(model)
+    s, b, h, a, l, V = seq, micro_batch, arch.d_model, arch.n_head, arch.n_layer, arch.vocab
+    half = precision != "fp32"
+    per_layer = (34 if half else 66) * s * b * h
+    if arch.kwargs["model_type"] in EAGER_ATTENTION:
+        per_layer += (5 if half else 9) * a * s * s * b
+    logits = (14 if half else 12) * b * s * V
+    return l * per_layer + logits, l * 4 * s * b * h + per_layer + logits
+
+
+def deepspeed_model_states(total: int, largest: int, gpus_per_node: int, nodes: int, stage: int,
+                           offload_opt: bool, offload_params: bool) -> tuple[int, int]:
+    """(device bytes per rank, host bytes per node) from DeepSpeed's estimator functions."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, cpu_offload=offload_opt,
+                                                         additional_buffer_factor=BUFFER_FACTOR)
+    else:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes,
+                                                            cpu_offload=offload_opt, cpu_offload_params=offload_params,
+                                                            zero_init=True, additional_buffer_factor=BUFFER_FACTOR)
+    return gpu, cpu
+
+
+def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = None, micro_batch: int = 1,
+             precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=ROWS) -> list[Estimate]:
+    counts = param_counts(model)
+    arch = parse_model(model)
+    seq = seq or arch.context
+    P, L, N = counts.total, counts.largest_layer, gpus_per_node * nodes
+    half = precision != "fp32"
+    act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision)
+    out = []
+    for key in rows:
+        kind = key.split(":", 1)[1] if ":" in key else key
+        stage = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "gemini": 3}.get(kind.split("+")[0])
+        offload_opt = "+offload" in kind
+        offload_params = kind.endswith("+offload") and stage == 3
+        host = 0
+        source = "formula"
+        if stage is None:  # ddp, colossal:torch_ddp
+            p, g, o, buf = 4 * P, 4 * P, 8 * P, (4 * P if N > 1 else 0) + (2 * P if half else 0)
+        elif stage == 0:
+            p, g, o, buf = (2 * P, 6 * P, 12 * P, 0) if half else (4 * P, 4 * P, 8 * P, 0)
+        elif stage == 1:
+            p, g, o, buf = (2 * P, 2 * P + 4 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P, 12 * P // N, 0)
+        elif stage == 2:
+            p, g, o, buf = (2 * P, 6 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P // N, 12 * P // N, 0)
+        else:
+            pb = 2 if half else 4
+            p, g, o, buf = pb * P // N, 4 * P // N, 12 * P // N, 4 * L
+        if offload_opt:
+            host = int((g + o) * N / nodes * BUFFER_FACTOR)
+            g, o = 0, 0
+            if offload_params:
+                host += int(p * N / nodes * BUFFER_FACTOR)
+                p = 0
+        if half and key.startswith("deepspeed:") and stage in (2, 3):
+            # DeepSpeed's own figures; our split above sums to the same device total
+            gpu, host = deepspeed_model_states(P, L, gpus_per_node, nodes, stage, offload_opt, offload_params)
+            source = "deepspeed"
+            ours = p + g + o + buf
+            if ours != gpu:  # keep DeepSpeed's total; put the difference into buffers
+                buf += gpu - ours
+        e = Estimate(key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
+        e.fits_full = e.total_full <= FIT_FRACTION * gpu_memory
+        e.fits_ckpt = e.total_ckpt <= FIT_FRACTION * gpu_memory
+        out.append(e)
+    return out
+
+
+def estimate_key(spec: str) -> str | None:
+    """The estimate row of a bench backend spec (deepspeed:zero2+offload, colossal:low_level_zero, ...)."""
+    from engine.bench.runner import parse_backend
+    b = parse_backend(spec)
+    if b.system != "engine":
+        return "ddp"  # HF Trainer and the hand loop are plain DDP with torch AdamW
+    if b.backend == "ddp":
+        return "ddp"
+    if b.backend == "deepspeed":
+        o = b.options
+        key = f"deepspeed:zero{o.get('zero_stage', 2)}"
+        if o.get("offload_params") == "cpu":
+            return key + "+offload"
+        if o.get("offload_optimizer") == "cpu":
+            return key + ("+offload_opt" if key.endswith("zero3") else "+offload")
+        return key
+    o = b.options
+    plugin = o.get("plugin", "torch_ddp")
+    if plugin == "low_level_zero":
+        return f"colossal:zero{o.get('stage', 1)}"
+    if plugin in ("torch_ddp", "gemini"):
+        return f"colossal:{plugin}"
+    return None
+
+
+def parse_size(text: str) -> float:
+    """`80GB`, `80GiB`, `24G`, `81920MB` -> bytes (GB and GiB both read as 2^30: what nvidia-smi shows)."""
+    t = text.strip().upper().replace("IB", "B")
+    for suffix, mult in (("TB", 2 ** 40), ("GB", GiB), ("MB", 2 ** 20), ("T", 2 ** 40), ("G", GiB), ("M", 2 ** 20)):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * mult
+    return float(t) * GiB
+
+
+def format_table(model: str, rows: list[Estimate], gpus_per_node: int, nodes: int, seq: int, micro_batch: int,
+                 precision: str, gpu_memory: float) -> str:
+    counts = param_counts(model)
+    g = lambda b: f"{b / GiB:8.2f}"
+    lines = [f"{model}: {counts.total / 1e6:,.1f}M parameters (largest layer {counts.largest_layer / 1e6:,.1f}M); "
+             f"{gpus_per_node} GPU(s) x {nodes} node(s); seq {seq}, micro-batch {micro_batch} per GPU, {precision}; "
+             f"device memory {gpu_memory / GiB:.0f} GiB (fits = total <= {FIT_FRACTION:.0%} of it)",
+             "GiB per GPU; host = offloaded states per node; act = activations without / with gradient checkpointing",
+             f"{'backend':30s} {'params':>8s} {'grads':>8s} {'optim':>8s} {'buffers':>8s} {'states':>8s} "
+             f"{'act':>8s} {'act+gc':>8s} {'total':>8s} {'total+gc':>8s} {'host':>8s}  fits    fits+gc  source"]
+    for e in rows:
+        lines.append(f"{e.backend:30s} {g(e.params)} {g(e.grads)} {g(e.optim)} {g(e.buffers)} {g(e.model_states)} "
+                     f"{g(e.act_full)} {g(e.act_ckpt)} {g(e.total_full)} {g(e.total_ckpt)} {g(e.host_per_node)}  "
+                     f"{'yes' if e.fits_full else 'no':7s} {'yes' if e.fits_ckpt else 'no':7s}  {e.source}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Named architectures (random init from config), parameter counts and model FLOPs per token.
+
+FLOPs per trained token (forward + backward), the PaLM / nanoGPT convention (Chowdhery et al.
+2022, appendix B):
+
+    flops_per_token = 6 * N_matmul + 12 * n_layer * d_model * seq_len
+
+N_matmul is every parameter that takes part in a matrix multiply: all parameters minus the
+input embedding tables (token and position lookups cost no FLOPs) plus the LM head (d_model x
+vocab, counted once whether or not it is tied to the token embedding). 6 = 2 (multiply-add) x 3
+(forward, backward to activations, backward to weights). The second term is attention's
+score and value products (QK^T and AV, 2 x 2 x seq x d per token per layer forward, x3 with
+backward), counted without halving for the causal mask, as PaLM does. Gradient
+checkpointing's recomputation is not counted: this is *model* FLOPs (MFU), not hardware FLOPs.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+# HF config kwargs for each name; real sizes (vocab, context) of the published checkpoints.
+ARCHS: dict[str, dict] = {
+    "gpt2": {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024,
+             "vocab_size": 50257},
+    "gpt2-medium": {"model_type": "gpt2", "n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024,
+                    "vocab_size": 50257},
+    "gpt2-large": {"model_type": "gpt2", "n_layer": 36, "n_embd": 1280, "n_head": 20, "n_positions": 1024,
+                   "vocab_size": 50257},
+    "gpt2-xl": {"model_type": "gpt2", "n_layer": 48, "n_embd": 1600, "n_head": 25, "n_positions": 1024,
+                "vocab_size": 50257},
+    "gpt-neo-1.3B": {"model_type": "gpt_neo", "num_layers": 24, "hidden_size": 2048, "num_heads": 16,
+                     "max_position_embeddings": 2048, "vocab_size": 50257, "window_size": 256,
+                     "attention_types": [[["global", "local"], 12]]},
+    "gpt-neo-2.7B": {"model_type": "gpt_neo", "num_layers": 32, "hidden_size": 2560, "num_heads": 20,
+                     "max_position_embeddings": 2048, "vocab_size": 50257, "window_size": 256,
+                     "attention_types": [[["global", "local"], 16]]},
+    "gpt-j-6B": {"model_type": "gptj", "n_layer": 28, "n_embd": 4096, "n_head": 16, "n_positions": 2048,
+                 "rotary_dim": 64, "vocab_size": 50400, "tie_word_embeddings": False},
+    # CPU sizes: a few seconds per step on one core
+    "tiny": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512,
+             "vocab_size": 8192},
+    "micro": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256,
+              "vocab_size": 1024},
+}
+
+# Dense peak TFLOP/s per device (vendor data sheets; no sparsity). Matched by substring of
+# torch.cuda.get_device_name(). fp32 = plain FP32 (torch's default matmul precision, no TF32).
+DEVICE_PEAKS_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),   # SXM / HBM3
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}),
+    ("A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 31.2}),
+    ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),
+]
+
+
+def device_peak_tflops(device_name: str, precision: str) -> float | None:
+    for key, peaks in DEVICE_PEAKS_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(precision) or None
+    return None
+
+
+@dataclass
+class Arch:
+    name: str
+    kwargs: dict           # HF config kwargs (model_type first)
+    n_layer: int
+    d_model: int
+    n_head: int
+    vocab: int
+    context: int
+
+
+def parse_model(spec: str) -> Arch:
+    """`gpt2`, `gpt2-xl`, `tiny`, or a custom gpt2 size `gpt2:L=4,d=256,h=4,V=8192`."""
+    if spec in ARCHS:
+        kwargs = dict(ARCHS[spec])
+    else:
+        m = re.fullmatch(r"gpt2:(.+)", spec)
+        if not m:
+            raise ValueError(f"unknown model {spec!r}; known: {', '.join(ARCHS)} or gpt2:L=..,d=..,h=..,V=..")
+        kw = dict(item.split("=", 1) for item in m.group(1).split(","))
+        kwargs = {"model_type": "gpt2", "n_layer": int(kw["L"]), "n_embd": int(kw["d"]), "n_head": int(kw["h"]),
+                  "vocab_size": int(kw.get("V", 50257)), "n_positions": int(kw.get("ctx", 1024))}
+    g = lambda *names: next(kwargs[n] for n in names if n in kwargs)
+    return Arch(spec, kwargs, g("n_layer", "num_layers"), g("n_embd", "hidden_size"), g("n_head", "num_heads"),
+                kwargs["vocab_size"], g("n_positions", "max_position_embeddings"))
+
+
+def hf_config(arch: Arch, **extra):
+    from transformers import AutoConfig
+    kwargs = dict(arch.kwargs)
+    model_type = kwargs.pop("model_type")
+    if arch.vocab <= 50256:  # small-vocab CPU sizes: GPT-2's default special ids would be out of range
+        kwargs.setdefault("bos_token_id", 0)
+        kwargs.setdefault("eos_token_id", 0)
+    return AutoConfig.for_model(model_type, **kwargs, **extra)
+
+
+@dataclass
+class ParamCounts:
+    total: int             # unique parameters (tied weights once)
+    embedding: int         # input lookup tables (token + position)
+    lm_head: int           # d_model x vocab
+    largest_layer: int     # largest single module's own parameters (DeepSpeed ZeRO-3 estimator input)
+
+    @property
+    def matmul(self) -> int:
+        return self.total - self.embedding + self.lm_head
+
+
+@functools.lru_cache(maxsize=32)
+def param_counts(spec: str) -> ParamCounts:
+    """Counted on the meta device: no memory is allocated, whatever the model size."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch = parse_model(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(arch))
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParamCounts(total, embedding, arch.d_model * arch.vocab, largest)
+
+
+def flops_per_token(spec: str, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), formula in the module docstring."""
+    arch = parse_model(spec)
+    return 6.0 * param_counts(spec).matmul + 12.0 * arch.n_layer * arch.d_model * seq_len

@@ -1,0 +1,456 @@
+"""`engine bench`: every (backend, model) combination is its own short training run in a subprocess.
+
+The engine runs through `engine launch` (its real launcher, config file, backends and loop); the
+baselines (HF Trainer, a hand-written PyTorch loop) through `torchrun` with the same process count
+and thread settings. A crash, OOM or hang in one run is recorded as that run's outcome and the
+bench moves on. Per run: one JSON with the device, software versions, the full config, step
+statistics over the measured steps (warm-up excluded), MFU on GPUs, per-rank peak memory and the
+memory estimate for the same configuration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+SCHEMA = 1
+BASELINES = {"trainer": "hf-trainer", "hf-trainer": "hf-trainer", "hand": "hand-loop", "hand-loop": "hand-loop"}
+
+
+# --------------------------------------------------------------------------------------------
+# Backend specs: deepspeed:zero3+offload -> backend name + options + overrides
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BenchBackend:
+    label: str                       # as given, e.g. deepspeed:zero2+offload
+    system: str                      # engine | hf-trainer | hand-loop
+    backend: str | None = None       # engine backend name
+    options: dict = field(default_factory=dict)     # backend.<name>.* options
+    overrides: dict = field(default_factory=dict)   # other dotted config keys (train.gradient_checkpointing)
+
+
+def parse_backend(spec: str) -> BenchBackend:
+    """`ddp`, `deepspeed:zero{0,1,2,3}[+offload|+offload_opt]`, `colossal:{torch_ddp,low_level_zero,zero1,
+    zero2,gemini,hybrid}[+tp2][+pp2]`, `trainer`, `hand`; any may end in `+gc` (gradient checkpointing)
+    and `@KEY=VALUE[@KEY=VALUE]` (extra config overrides, e.g. `ddp@train.grad_accum=2`)."""
+    label = spec.strip()
+    head, *extra = label.split("@")
+    overrides = {}
+    for item in extra:
+        if "=" not in item:
+            raise ValueError(f"backend spec {label!r}: {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k] = yaml.safe_load(v)
+    parts = head.split("+")
+    base, mods = parts[0], parts[1:]
+    if "gc" in mods:
+        mods.remove("gc")
+        overrides["train.gradient_checkpointing"] = True
+    if base in BASELINES:
+        if mods:
+            raise ValueError(f"backend spec {label!r}: baselines take only +gc and @KEY=VALUE")
+        return BenchBackend(label, BASELINES[base], overrides=overrides)
+    name, _, variant = base.partition(":")
+    options: dict = {}
+    if name == "ddp":
+        if variant or mods:
+            raise ValueError(f"backend spec {label!r}: ddp takes no variant")
+    elif name == "deepspeed":
+        m = re.fullmatch(r"zero([0-3])", variant or "zero2")
+        if not m:
+            raise ValueError(f"backend spec {label!r}: use deepspeed:zero0..zero3")
+        options["zero_stage"] = int(m.group(1))
+        for mod in mods:
+            if mod == "offload":  # optimizer to host; on ZeRO-3 also the parameters
+                options["offload_optimizer"] = "cpu"
+                if options["zero_stage"] == 3:
+                    options["offload_params"] = "cpu"
+            elif mod == "offload_opt":
+                options["offload_optimizer"] = "cpu"
+            else:
+                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
+    elif name == "colossal":
+        variant = variant or "torch_ddp"
+        if variant in ("zero1", "zero2"):
+            options.update(plugin="low_level_zero", stage=int(variant[-1]))
+        else:
+            options["plugin"] = variant
+        for mod in mods:
+            m = re.fullmatch(r"(tp|pp)(\d+)", mod)
+            if m:
+                options[f"{m.group(1)}_size"] = int(m.group(2))
+            elif mod.startswith("stage") and mod[5:].isdigit():
+                options["stage"] = int(mod[5:])
+            elif mod == "offload":
+                options["cpu_offload"] = True
+            else:
+                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
+    else:
+        raise ValueError(f"unknown backend spec {label!r}: ddp, deepspeed:zeroN[+offload], colossal:PLUGIN, "
+                         "trainer, hand")
+    return BenchBackend(label, "engine", name, options, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment facts recorded with every result
+# --------------------------------------------------------------------------------------------
+def device_info(gpus: int) -> dict:
+    info = {"kind": "cpu", "cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(), "hostname": platform.node()}
+    if gpus > 0:
+        import torch
+        info.update(kind="cuda", gpu_name=torch.cuda.get_device_name(0), gpu_count=gpus,
+                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def software_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "accelerate", "deepspeed", "colossalai"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def device_slug(device: dict, procs: int) -> str:
+    if device["kind"] == "cuda":
+        name = re.sub(r"[^a-z0-9]+", "-", device["gpu_name"].lower().replace("nvidia", "")).strip("-")
+        return f"{name}-x{procs}"
+    return f"cpu-{procs}proc"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    backend: BenchBackend
+    model: str
+    procs: int
+    gpus: int
+    seq: int
+    micro_batch: int
+    steps: int          # measured steps
+    warmup: int         # excluded steps before them
+    precision: str
+    timeout: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}__{slug(self.backend.label)}__{self.precision}_s{self.seq}_b{self.micro_batch}"
+
+
+def engine_config(run: RunSpec, output_dir: Path) -> dict:
+    from engine.bench.flops import parse_model
+    from engine.config import BUILTIN_SAMPLE, apply_override
+
+    arch = parse_model(run.model)
+    raw = {
+        "task": "causal_lm",
+        "model": {"config": dict(arch.kwargs)},
+        "tokenizer": BUILTIN_SAMPLE,
+        "data": {"train": BUILTIN_SAMPLE, "block_size": run.seq, "validation_split": 0.0},
+        "train": {"max_steps": run.total_steps, "micro_batch_size": run.micro_batch, "lr": 1e-4,
+                  "precision": run.precision, "log_every": 1, "save_every": 0, "save_final": False, "seed": 0},
+        "backend": {"name": run.backend.backend, run.backend.backend: dict(run.backend.options)},
+        "output_dir": str(output_dir),
+    }
+    for key, value in run.backend.overrides.items():
+        apply_override(raw, f"{key}={json.dumps(value)}")
+    return raw
+
+
+def baseline_config(run: RunSpec) -> dict:
+    return {"kind": run.backend.system, "model": run.model, "seq": run.seq, "micro_batch": run.micro_batch,
+            "steps": run.total_steps, "precision": run.precision, "lr": 1e-4, "seed": 0,
+            "gradient_checkpointing": bool(run.backend.overrides.get("train.gradient_checkpointing", False)),
+            "max_grad_norm": 1.0}
+
+
+def _env(run: RunSpec) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR":
+           os.environ.get("DS_ACCELERATOR", "cuda" if run.gpus else "cpu")}
+    # DeepSpeed's JIT-built ops (shm comm, cpu_adam): the cache the Makefile and tests use
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "engine" / "torch_extensions"))
+    if run.gpus == 0:  # what `engine launch` and torchrun do: share the cores between the processes
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // run.procs))
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
+    """Run one combination to completion (or failure) and return its raw measurements."""
+    run_dir = work_dir / run.name
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    if run.backend.system == "engine":
+        out_dir = run_dir / "run"
+        cfg = engine_config(run, out_dir)
+        cfg_path = run_dir / "config.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [sys.executable, "-m", "engine.cli", "launch", str(cfg_path), "--gpus", str(run.gpus)]
+        if run.gpus == 0:
+            cmd += ["--nproc", str(run.procs)]
+        steps_file = out_dir / "metrics.jsonl"
+    else:
+        cfg = baseline_config(run)
+        cfg_path = run_dir / "baseline.json"
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        result_path = run_dir / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.procs),
+               "-m", "engine.bench.baselines", str(cfg_path), str(result_path)]
+        steps_file = run_dir / "steps.jsonl"
+    log_path = run_dir / "log.txt"
+    started = time.time()
+    timed_out = False
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env(run),
+                                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+        while proc.poll() is None:
+            if progress:
+                progress(_count_lines(steps_file, '"event": "train"' if run.backend.system == "engine" else ""),
+                         time.time() - started)
+            if time.time() - started > run.timeout:
+                _kill_group(proc)
+                timed_out = True
+                break
+            time.sleep(0.5)
+        proc.wait()
+    wall = time.time() - started
+    log_text = log_path.read_text(errors="replace")
+    raw = {"exit_code": proc.returncode, "wall_s": round(wall, 1), "config": cfg, "command": cmd,
+           "log_tail": log_text[-4000:]}
+    if timed_out:
+        raw.update(outcome="timeout", message=f"no result within --timeout {run.timeout} s")
+    elif proc.returncode != 0:
+        raw.update(classify_failure(proc.returncode, log_text))
+    else:
+        try:
+            raw.update(outcome="ok", message="", **(read_engine_steps(out_dir) if run.backend.system == "engine"
+                                                   else json.loads(result_path.read_text())))
+            if run.backend.system == "engine" and (out_dir / "config.yaml").exists():
+                raw["config"] = yaml.safe_load((out_dir / "config.yaml").read_text())
+        except (OSError, ValueError, KeyError) as e:
+            raw.update(outcome="error", message=f"run exited 0 but left no usable measurements: {e}")
+    return raw
+
+
+def _count_lines(path: Path, needle: str) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if needle in line)
+    except OSError:
+        return 0
+
+
+def _kill_group(proc) -> None:
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run's own session: launcher and its workers
+    except ProcessLookupError:
+        pass
+
+
+OOM_PATTERNS = ("out of GPU memory", "CUDA out of memory", "OutOfMemoryError", "out of memory",
+                "DefaultCPUAllocator: can't allocate memory")
+
+
+_LOG_PREFIX = re.compile(r"^[EWI]\d{4} [\d:.]+ \d+ \S+\] ?")  # torch elastic's per-line prefix
+
+
+def classify_failure(code: int, log_text: str) -> dict:
+    lines = [_LOG_PREFIX.sub("", ln).strip() for ln in log_text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    exc = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+    message = (errors[-1] if errors else exc[-1] if exc else (lines[-1] if lines else ""))
+    # the engine's launcher error ("training stopped on rank N (see the error above)") is less
+    # telling than the worker's own reason: keep both
+    if errors and "see the error above" in errors[-1] and (len(errors) > 1 or exc):
+        message = (errors[-2] if len(errors) > 1 else exc[-1]) + " | " + errors[-1]
+    elif errors and exc and "traceback is above" in errors[-1]:
+        message = exc[-1] + " | " + errors[-1]
+    oom = any(p in log_text for p in OOM_PATTERNS) or code in (-9, 137) or "exit code -9" in log_text
+    if oom and not any(p in log_text for p in OOM_PATTERNS):
+        message = f"killed by SIGKILL (likely the host OOM killer): {message}"
+    if message.startswith("error: "):
+        message = message[len("error: "):]
+    return {"outcome": "oom" if oom else "error", "message": message[:600]}
+
+
+def read_engine_steps(out_dir: Path) -> dict:
+    records = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train = [r for r in records if r["event"] == "train"]
+    memory = [r for r in records if r["event"] == "memory"]
+    steps = [{"step": r["step"], "tokens_per_s": r["tokens_per_s"], "samples_per_s": r["samples_per_s"],
+              "end": r["time"], "loss": r["loss"]} for r in train]
+    return {"steps": steps, "memory_per_rank": memory[-1]["per_rank"] if memory else
+            [{k: v for k, v in train[-1].items() if k.endswith("_mb")}]}
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and the result record
+# --------------------------------------------------------------------------------------------
+def spread(values: list[float]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+    q = lambda f: v[min(len(v) - 1, max(0, round(f * (len(v) - 1))))]
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "p10": q(0.1), "p90": q(0.9),
+            "mean": statistics.fmean(v), "n": len(v)}
+
+
+def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
+    from engine.bench.estimate import estimate, estimate_key
+    from engine.bench.flops import device_peak_tflops, flops_per_token, param_counts
+
+    counts = param_counts(run.model)
+    fpt = flops_per_token(run.model, run.seq)
+    global_batch = run.micro_batch * run.procs * int(raw.get("config", {}).get("train", {}).get("grad_accum", 1)
+                                                   if run.backend.system == "engine" else 1)
+    result = {
+        "schema": SCHEMA, "name": run.name, "label": run.backend.label, "system": run.backend.system,
+        "backend": run.backend.backend, "backend_options": run.backend.options, "overrides": run.backend.overrides,
+        "model": run.model, "params": counts.total, "flops_per_token": fpt, "precision": run.precision,
+        "seq": run.seq, "micro_batch": run.micro_batch, "procs": run.procs, "gpus": run.gpus,
+        "global_batch": global_batch, "tokens_per_step": global_batch * run.seq,
+        "warmup_steps": run.warmup, "measured_steps": run.steps,
+        "outcome": raw["outcome"], "message": raw.get("message", ""), "exit_code": raw["exit_code"],
+        "wall_s": raw["wall_s"], "device": device, "software": software_versions(),
+        "config": raw.get("config"), "command": raw.get("command"),
+    }
+    if raw["outcome"] != "ok":
+        result["log_tail"] = raw.get("log_tail", "")[-2000:]
+    steps = [s for s in raw.get("steps", []) if s["step"] > run.warmup]
+    if raw["outcome"] == "ok" and not steps:
+        result.update(outcome="error", message=f"only {len(raw.get('steps', []))} steps recorded, none after "
+                                               f"the {run.warmup} warm-up steps")
+    if steps:
+        tps = [s["tokens_per_s"] for s in steps]
+        result["tokens_per_s"] = spread(tps)
+        result["samples_per_s"] = spread([s["samples_per_s"] for s in steps])
+        result["step_s"] = spread([result["tokens_per_step"] / x for x in tps])
+        ends = [s["end"] for s in raw["steps"] if s["step"] >= run.warmup]
+        if len(ends) >= 2 and ends[-1] > ends[0]:  # includes logging and data loading between steps
+            result["wall_tokens_per_s"] = result["tokens_per_step"] * (len(ends) - 1) / (ends[-1] - ends[0])
+        achieved = result["tokens_per_s"]["median"] * fpt / max(1, run.procs) / 1e12  # TFLOP/s per device
+        peak = device_peak_tflops(device.get("gpu_name", ""), run.precision) if device["kind"] == "cuda" else None
+        result["mfu"] = {"achieved_tflops_per_device": achieved, "peak_tflops_per_device": peak,
+                         "mfu": achieved / peak if peak else None,
+                         "note": "model FLOPs (6N + 12*L*d*seq per token) / device peak, dense, no sparsity"}
+    mem = raw.get("memory_per_rank") or []
+    if mem:
+        keys = sorted({k for m in mem if m for k in m})
+        peak = {k: max((m or {}).get(k) or 0 for m in mem) for k in keys}
+        deltas = [m["host_rss_mb"] - m["host_rss_before_setup_mb"] for m in mem
+                  if m and "host_rss_before_setup_mb" in m and "host_rss_mb" in m]
+        if deltas:
+            peak["host_rss_delta_mb"] = max(deltas)
+        result["memory"] = {"per_rank": mem, "max_over_ranks": peak}
+    key = estimate_key(run.backend.label)
+    if key:
+        gc = bool(run.backend.overrides.get("train.gradient_checkpointing"))
+        n_dev = max(run.gpus, run.procs)
+        est = estimate(run.model, n_dev, seq=run.seq, micro_batch=run.micro_batch, precision=run.precision,
+                       rows=(key,))[0]
+        result["estimate"] = {"row": key, "gradient_checkpointing": gc, **est.to_dict(),
+                              "predicted_per_rank_mb": ((est.total_ckpt if gc else est.total_full)
+                                                        + (est.host_per_node / n_dev if run.gpus == 0 else 0)) / 2**20}
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The matrix
+# --------------------------------------------------------------------------------------------
+def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int, seq: int, micro_batch: int,
+               steps: int, warmup: int, precision: str, out: Path, work_dir: Path, timeout: int,
+               echo=print) -> list[dict]:
+    parsed = [parse_backend(b) for b in backends]  # bad specs fail before anything runs
+    from engine.bench.flops import parse_model
+    for m in models:
+        parse_model(m)
+    device = device_info(gpus)
+    slug_dir = out / device_slug(device, procs)
+    slug_dir.mkdir(parents=True, exist_ok=True)
+    session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    runs = [RunSpec(b, m, procs, gpus, seq, micro_batch, steps, warmup, precision, timeout)
+            for m in models for b in parsed]
+    results = []
+    tty = sys.stderr.isatty()
+    echo(f"bench: {len(runs)} runs on {device.get('gpu_name') or device['cpu_model']} "
+         f"({procs} process{'es' if procs > 1 else ''}), {precision}, seq {seq}, micro-batch {micro_batch}, "
+         f"{warmup} warm-up + {steps} measured steps; results in {slug_dir}")
+    for i, run in enumerate(runs, 1):
+        head = f"[{i}/{len(runs)}] {run.model} {run.backend.label}"
+
+        def progress(done, elapsed, head=head, total=run.total_steps):
+            if tty:
+                sys.stderr.write(f"\r{head}: step {done}/{total}  {elapsed:5.0f}s ")
+                sys.stderr.flush()
+
+        if not tty:
+            echo(f"{head}: running")
+        load_before = load_average()
+        raw = run_one(run, work_dir / session, progress)
+        result = summarize(run, raw, device)
+        result.update(session=session, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      load_average={"before": load_before, "after": load_average()})
+        (slug_dir / f"{run.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        results.append(result)
+        if tty:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+        echo(f"{head}: {one_line(result)}")
+    from engine.bench.report import write_report
+    paths = write_report(slug_dir)
+    echo("report: " + ", ".join(str(p) for p in paths))
+    return results
+
+
+def one_line(r: dict) -> str:
+    if r["outcome"] != "ok":
+        return f"{r['outcome'].upper()} {r['message'][:200]}"
+    mem = r.get("memory", {}).get("max_over_ranks", {})
+    m = (f"gpu alloc {mem['gpu_alloc_mb']:.0f} MiB" if "gpu_alloc_mb" in mem
+         else f"host rss {mem.get('host_rss_mb', 0):.0f} MiB")
+    mfu = r.get("mfu", {}).get("mfu")
+    return (f"ok {r['tokens_per_s']['median']:,.0f} tok/s (p10-p90 {r['tokens_per_s']['p10']:,.0f}-"
+            f"{r['tokens_per_s']['p90']:,.0f}), step {r['step_s']['median'] * 1000:.0f} ms, {m}"
+            + (f", MFU {mfu:.1%}" if mfu else "") + f" [{r['wall_s']:.0f}s]")

@@ -1,0 +1,162 @@
+"""`engine bench` and `engine estimate`: the bench runs end to end and records failures as results;
+the FLOPs formula and the memory estimator agree with hand computations and DeepSpeed's estimators.
+No timing assertions: these check that the figures are produced and well-formed, not their values."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from tests.helpers import run_engine
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+# ------------------------------------------------------------------------------------------------
+def test_flops_per_token_gpt2_matches_hand_computation():
+    from engine.bench.flops import flops_per_token, param_counts
+
+    c = param_counts("gpt2")
+    assert c.total == 124_439_808            # GPT-2 small, tied LM head counted once
+    assert c.embedding == 50257 * 768 + 1024 * 768
+    # by hand: every parameter except the position table takes part in a matmul (wte as the LM head)
+    n_matmul = 124_439_808 - 1024 * 768
+    attention = 12 * 12 * 768 * 1024       # 12 * layers * d_model * seq
+    assert flops_per_token("gpt2", 1024) == 6 * n_matmul + attention == 855_166_464
+    assert flops_per_token("gpt2", 512) == 6 * n_matmul + attention // 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimator
+# ------------------------------------------------------------------------------------------------
+def _estimate(*args) -> tuple[str, int]:
+    result = CliRunner().invoke(main, ["estimate", *args])
+    return result.output, result.exit_code
+
+
+def _row(text: str, backend: str) -> list[str]:
+    for line in text.splitlines():
+        if line.split() and line.split()[0] == backend:
+            return line.split()
+    raise AssertionError(f"no row {backend!r} in:\n{text}")
+
+
+def test_estimate_gpt2_xl_agrees_with_deepspeed_estimators():
+    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                               estimate_zero3_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
+                                                      estimate_zero2_model_states_mem_needs_all_cold)
+
+    out, code = _estimate("gpt2-xl", "--gpus", "8", "--json")
+    assert code == 0, out
+    rows = {r["backend"]: r for r in json.loads(out)["rows"]}
+    total, largest = 1_557_611_200, 50257 * 1600  # GPT-2 XL; its largest layer is the token embedding
+    # exact bytes against the functions DeepSpeed's *_all_live/_all_cold estimators call
+    for key, off in (("deepspeed:zero2", False), ("deepspeed:zero2+offload", True)):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(total, 8, 1, cpu_offload=off)
+        assert (rows[key]["model_states"], rows[key]["host_per_node"], rows[key]["source"]) == (gpu, cpu, "deepspeed")
+    for key, off_opt, off_par in (("deepspeed:zero3", False, False), ("deepspeed:zero3+offload_opt", True, False),
+                                  ("deepspeed:zero3+offload", True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, 8, 1, cpu_offload=off_opt,
+                                                            cpu_offload_params=off_par, zero_init=True)
+        assert (rows[key]["model_states"], rows[key]["host_per_node"]) == (gpu, cpu)
+
+    # and the human table prints the same GiB figures as DeepSpeed's own printed estimates
+    text, code = _estimate("gpt2-xl", "--gpus", "8")
+    assert code == 0, text
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=8)
+        estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=8)
+    ds = {}
+    for line in printed.getvalue().splitlines():
+        m = re.match(r"\s*([\d.]+)GB \|\s*([\d.]+)GB \| (.*)", line)
+        if m:
+            ds[re.sub(r"\s+", "", m.group(3).replace("OffloadDeviceEnum.", ""))] = (m.group(1), m.group(2))
+    header = text.splitlines()[2].split()
+    states, host = header.index("states"), header.index("host")
+    expect = {"deepspeed:zero2": "offload_optimizer=none", "deepspeed:zero2+offload": "offload_optimizer=cpu",
+              "deepspeed:zero3": "offload_param=none, offload_optimizer=none, zero_init=1",
+              "deepspeed:zero3+offload_opt": "offload_param=none, offload_optimizer=cpu , zero_init=1",
+              "deepspeed:zero3+offload": "offload_param=cpu , offload_optimizer=cpu , zero_init=1"}
+    for backend, options in expect.items():
+        row = _row(text, backend)
+        assert (row[host], row[states]) == ds[re.sub(r"\s+", "", options)], (backend, row, ds)
+
+
+def test_estimate_fits_verdict_flips_with_gpu_memory():
+    big, code = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "80GB")
+    assert code == 0, big
+    small, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "16GB")
+    fits = lambda text, b: _row(text, b)[-3]  # columns: ... fits fits+gc source
+    assert fits(big, "ddp") == "yes" and fits(small, "ddp") == "no"   # ~35 GiB per GPU with DDP
+    assert fits(small, "deepspeed:zero3") == "yes"                      # ZeRO-3 shards it 8 ways
+    tiny, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "1GB")
+    assert all(fits(tiny, b) == "no" for b in ("ddp", "deepspeed:zero3", "deepspeed:zero3+offload"))
+    bad, code = _estimate("gpt2-xxl", "--gpus", "8")
+    assert code == 2 and "unknown model" in bad
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend specs
+# ------------------------------------------------------------------------------------------------
+def test_backend_specs_map_to_engine_options():
+    from engine.bench.estimate import estimate_key
+    from engine.bench.runner import parse_backend
+
+    b = parse_backend("deepspeed:zero3+offload")
+    assert (b.system, b.backend, b.options) == ("engine", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu",
+                                                                       "offload_params": "cpu"})
+    assert parse_backend("deepspeed:zero2+offload").options == {"zero_stage": 2, "offload_optimizer": "cpu"}
+    assert parse_backend("colossal:zero2").options == {"plugin": "low_level_zero", "stage": 2}
+    assert parse_backend("colossal:hybrid+tp2+pp2").options == {"plugin": "hybrid", "tp_size": 2, "pp_size": 2}
+    g = parse_backend("ddp+gc@train.grad_accum=2")
+    assert g.overrides == {"train.gradient_checkpointing": True, "train.grad_accum": 2}
+    assert parse_backend("trainer").system == "hf-trainer" and parse_backend("hand").system == "hand-loop"
+    assert estimate_key("deepspeed:zero3+offload") == "deepspeed:zero3+offload"
+    assert estimate_key("colossal:low_level_zero") == "colossal:zero1"
+    with pytest.raises(ValueError):
+        parse_backend("deepspeed:zero4")
+
+
+# ------------------------------------------------------------------------------------------------
+# The bench end to end: real runs in subprocesses (1 process each, to stay fast)
+# ------------------------------------------------------------------------------------------------
+def test_bench_end_to_end_records_results_and_failures(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    proc = run_engine(["bench", "--gpus", "0", "--nproc", "1", "--models", "micro", "--seq", "32",
+                       "--micro-batch", "2", "--warmup", "1", "--steps", "2",
+                       "--backends", "ddp,ddp@train.precision=fp8", "--baselines", "hand",
+                       "--out", out, "--work-dir", work], timeout=600)
+    results_dir = out / "cpu-1proc"
+    files = sorted(results_dir.glob("*.json"))
+    assert len(files) == 3, proc.stderr
+    results = {r["label"]: r for r in (json.loads(p.read_text()) for p in files)}
+
+    ok = results["ddp"]
+    assert ok["outcome"] == "ok", ok.get("message")
+    assert ok["tokens_per_s"]["n"] == 2 and ok["tokens_per_s"]["median"] > 0   # warm-up step excluded
+    assert ok["step_s"]["median"] > 0 and ok["samples_per_s"]["median"] > 0
+    assert ok["device"]["kind"] == "cpu" and ok["software"]["torch"]
+    assert ok["config"]["backend"]["name"] == "ddp" and ok["config"]["train"]["save_final"] is False
+    rank0 = ok["memory"]["per_rank"][0]
+    assert rank0["host_rss_mb"] > 0 and "host_rss_before_setup_mb" in rank0
+    assert ok["estimate"]["row"] == "ddp" and ok["mfu"]["mfu"] is None  # no MFU without a device peak
+
+    failed = results["ddp@train.precision=fp8"]
+    assert failed["outcome"] == "error" and "train.precision" in failed["message"]
+    assert "tokens_per_s" not in failed
+
+    hand = results["hand"]
+    assert hand["outcome"] == "ok" and hand["system"] == "hand-loop" and hand["tokens_per_s"]["n"] == 2
+
+    md = (results_dir / "RESULTS.md").read_text()
+    assert "| ddp | ok |" in md and "| ddp@train.precision=fp8 | error |" in md and "x hand" in md
+    assert "Estimate vs measured" in md
+    assert (results_dir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[1/3] micro ddp" in proc.stderr and "report:" in proc.stderr  # progress lines
