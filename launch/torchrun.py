@@ -2,7 +2,8 @@
 
 The agent spawns `nproc` workers running engine.worker.run_and_exit, restarts them all up to
 `max_restarts` times when one dies (they resume from the last complete checkpoint), and joins
-other nodes through a static rendezvous at master_addr:master_port (node_rank given).
+the other nodes through a c10d rendezvous whose TCP store node 0 hosts at master_addr:master_port.
+Node ranks (and so global ranks) are assigned by the rendezvous; --node-rank 0 marks the host.
 """
 from __future__ import annotations
 
@@ -15,22 +16,47 @@ from engine.errors import EngineError
 def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int, max_restarts: int = 0,
            threads_per_proc: int | None = None, rdzv_timeout: int = 900) -> None:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from engine.worker import run_and_exit
 
     if threads_per_proc:
         # like torchrun: keep nproc processes from each grabbing every core
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_proc)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_proc))  # a user's own setting wins
+    # Restarted workers must not share the agents' rendezvous store: it outlives restarts, and
+    # init_process_group keys are not per attempt, so a restarted rank can read a dead rank's
+    # gloo/NCCL address and fail with "connectFullMesh ... Connection refused" (torch 2.13, seen
+    # in tests/test_launch.py). Opting out makes worker rank 0 host a fresh store on a fresh port
+    # in every round.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
         run_id=os.environ.get("ENGINE_RUN_ID", f"engine-{uuid.uuid4().hex[:8]}" if nnodes == 1 else "engine"),
-        rdzv_backend="static", rdzv_endpoint=f"{master_addr}:{master_port}",
-        rdzv_configs={"rank": node_rank, "timeout": rdzv_timeout}, rdzv_timeout=rdzv_timeout,
-        max_restarts=max_restarts, monitor_interval=0.5, start_method="spawn")
+        # c10d, not static: static reuses one store for the workers of every attempt (see above)
+        # and cannot be told otherwise; c10d starts a new round per restart on every node.
+        rdzv_backend="c10d", rdzv_endpoint=f"{master_addr}:{master_port}",
+        rdzv_configs={"is_host": node_rank == 0, "join_timeout": rdzv_timeout, "read_timeout": rdzv_timeout,
+                      "last_call_timeout": 1},
+        rdzv_timeout=rdzv_timeout,
+        max_restarts=max_restarts, monitor_interval=0.5, start_method="spawn",
+        # the address other nodes use to reach worker rank 0's store when rank 0 is here
+        local_addr="127.0.0.1" if nnodes == 1 else (master_addr if node_rank == 0 else None))
     try:
         elastic_launch(config, run_and_exit)(cfg_dict)
+    except (DistError, RendezvousError) as e:  # the agents' rendezvous (node 0 hosts its TCP store)
+        if nnodes == 1:
+            raise EngineError(f"could not start the local process group: {_first_line(e)}") from None
+        if node_rank == 0:
+            raise EngineError(f"not all {nnodes} nodes joined the rendezvous at {master_addr}:{master_port} within "
+                              f"--rdzv-timeout {rdzv_timeout} s ({_first_line(e)}); start `engine launch ... "
+                              f"--nnodes {nnodes} --node-rank R --master-addr {master_addr} --master-port "
+                              f"{master_port}` on every other node") from None
+        raise EngineError(f"node {node_rank} could not join the rendezvous at {master_addr}:{master_port} within "
+                          f"--rdzv-timeout {rdzv_timeout} s ({_first_line(e)}); is node 0 running with the same "
+                          "--master-addr/--master-port, and is that port reachable from here?") from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode == 2:  # the worker already printed the one-line reason
@@ -38,3 +64,7 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         raise EngineError(f"worker rank {rank} failed with exit code {failure.exitcode}"
                           + (f" after {max_restarts} restarts" if max_restarts else "")
                           + "; its traceback is above") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
