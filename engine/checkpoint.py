@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine import testhooks
 from engine.errors import EngineError
 
 STATE_FILE = "trainer_state.json"
@@ -124,6 +125,7 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
     barrier()
     backend.save_state(tmp)
     torch.save(_rng_state(), tmp / f"rng-rank{backend.rank}.pt")
+    testhooks.pause("saving", state.step)
     barrier()
     if backend.is_main:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -135,6 +137,7 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
         for stale in root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
+    testhooks.pause("saved", state.step)
     return final
 
 

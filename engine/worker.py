@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from engine import testhooks
 from engine.errors import EngineError
 
 
@@ -51,6 +52,7 @@ def run(cfg_dict: dict) -> dict:
 
     cfg = config_from_dict(cfg_dict)
     validate(cfg)
+    testhooks.write_pid()
     backend_cls = backend_class(cfg.backend.name)
     owns_process_group = not dist.is_initialized()  # a caller that set it up keeps it (test drivers)
     backend_cls.init_distributed()
