@@ -207,8 +207,10 @@ def plot(run_dir, output):
 @click.option("--work-dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False),
               help="run directories and logs (not results)")
 @click.option("--timeout", type=int, default=1200, show_default=True, help="seconds per run before it is killed")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="rounds over the whole matrix (interleaved); measured steps are pooled over rounds")
 def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, warmup, precision, out, work_dir,
-          timeout):
+          timeout, repeat):
     """Throughput and memory of each backend x model, each a short real training run, beside the HF
     Trainer and a hand-written loop run the same way. Writes one JSON per run, RESULTS.md and chart.png."""
     from engine.bench.runner import run_matrix
@@ -217,14 +219,14 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
     if gpus > 0 and nproc is not None and nproc != gpus:
         raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
     procs = gpus if gpus > 0 else (nproc or 2)
-    if min(procs, seq, micro_batch, steps) < 1 or warmup < 0:
-        raise EngineError("--nproc, --seq, --micro-batch and --steps must be >= 1, --warmup >= 0")
+    if min(procs, seq, micro_batch, steps, repeat) < 1 or warmup < 0:
+        raise EngineError("--nproc, --seq, --micro-batch, --steps and --repeat must be >= 1, --warmup >= 0")
     specs = [b for b in backends.split(",") if b.strip()] + [b for b in baselines.split(",") if b.strip()]
     try:
         run_matrix(specs, [m for m in models.split(",") if m.strip()], gpus=gpus, procs=procs, seq=seq,
                    micro_batch=micro_batch, steps=steps, warmup=warmup,
                    precision=precision or ("bf16" if gpus > 0 else "fp32"), out=Path(out),
-                   work_dir=Path(work_dir), timeout=timeout, echo=lambda m: click.echo(m, err=True))
+                   work_dir=Path(work_dir), timeout=timeout, repeat=repeat, echo=lambda m: click.echo(m, err=True))
     except ValueError as e:
         raise EngineError(str(e)) from None
 

@@ -160,3 +160,23 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
     assert "Estimate vs measured" in md
     assert (results_dir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[1/3] micro ddp" in proc.stderr and "report:" in proc.stderr  # progress lines
+
+
+def test_rounds_pool_measured_steps_and_drop_each_rounds_warmup():
+    from engine.bench.runner import RunSpec, merge_rounds, parse_backend, summarize
+
+    run = RunSpec(parse_backend("ddp"), "micro", 2, 0, 32, 2, steps=2, warmup=1, precision="fp32", timeout=60)
+
+    def raw(tps, t0):
+        steps = [{"step": i + 1, "tokens_per_s": x, "samples_per_s": x / 32, "end": t0 + i} for i, x in enumerate(tps)]
+        return {"outcome": "ok", "exit_code": 0, "wall_s": 10.0, "config": {}, "steps": steps,
+                "memory_per_rank": [{"host_rss_mb": 500.0, "host_rss_before_setup_mb": 300.0},
+                                    {"host_rss_mb": 520.0, "host_rss_before_setup_mb": 310.0}]}
+
+    device = {"kind": "cpu", "cpu_model": "x", "cpu_cores": 2}
+    r = summarize(run, merge_rounds([raw([1.0, 100.0, 300.0], 0.0), raw([2.0, 200.0, 400.0], 50.0)]), device)
+    assert r["tokens_per_s"]["n"] == 4 and r["tokens_per_s"]["median"] == 250.0  # warm-up steps (1, 2) excluded
+    assert r["round_median_tokens_per_s"] == [200.0, 300.0]
+    assert r["wall_s"] == 20.0 and r["memory"]["max_over_ranks"]["host_rss_delta_mb"] == 210.0
+    failed = dict(raw([1.0], 0.0), outcome="oom", message="out of GPU memory")
+    assert merge_rounds([raw([1.0, 2.0, 3.0], 0.0), failed])["outcome"] == "oom"

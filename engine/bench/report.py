@@ -57,6 +57,14 @@ def measured_peak_mb(r: dict) -> tuple[float | None, str]:
     return mem.get("host_rss_delta_mb"), "host RSS growth from model build to end of training"
 
 
+def _predicted_mb(r: dict) -> float:
+    """On CPU everything is host memory: device share + offloaded share per rank; on GPUs the device part."""
+    e = r["estimate"]
+    if r["device"]["kind"] == "cpu":
+        return e["predicted_per_rank_mb"]
+    return (e["total_ckpt"] if e["gradient_checkpointing"] else e["total_full"]) / 2**20
+
+
 def markdown(results: list[dict]) -> str:
     if not results:
         return "No results.\n"
@@ -114,18 +122,25 @@ def markdown(results: list[dict]) -> str:
         est_rows = [r for r in rows if r["outcome"] == "ok" and r.get("estimate")]
         if est_rows:
             what = measured_peak_mb(est_rows[0])[1]
-            lines += [f"Estimate vs measured (per rank; measured = {what}; `engine estimate` row in brackets):", "",
+            ref = next((r for r in est_rows if r["label"] == "ddp"), None)
+            ref_pred = _predicted_mb(ref) if ref else None
+            ref_meas = measured_peak_mb(ref)[0] if ref else None
+            lines += [f"Estimate vs measured (per rank; measured = {what}; estimate row = the `engine estimate` "
+                      "row used). The last two columns difference each run against ddp's, which cancels what "
+                      "every process pays whatever the backend (lazily imported code, allocator arenas):", "",
                       "| run | estimate row | params+grads+optim+buffers MiB | activations MiB | offloaded (host) MiB "
-                      "| predicted MiB | measured MiB | measured / predicted |", "|---|---|---|---|---|---|---|---|"]
+                      "| predicted MiB | measured MiB | measured / predicted | predicted - ddp | measured - ddp |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in est_rows:
                 e = r["estimate"]
                 measured, _ = measured_peak_mb(r)
                 act = e["act_ckpt"] if e["gradient_checkpointing"] else e["act_full"]
-                pred = e["predicted_per_rank_mb"] if r["device"]["kind"] == "cpu" else \
-                    (e["total_ckpt"] if e["gradient_checkpointing"] else e["total_full"]) / 2**20
+                pred = _predicted_mb(r)
+                dp = f"{pred - ref_pred:+,.1f}" if ref_pred is not None else ""
+                dm = f"{measured - ref_meas:+,.0f}" if ref_meas is not None and measured is not None else ""
                 lines.append(f"| {r['label']} | {e['row']} | {e['model_states'] / 2**20:,.1f} | {act / 2**20:,.1f} | "
                              f"{e['host_per_node'] / 2**20:,.1f} | {pred:,.1f} | {_mb(measured)} | "
-                             + (f"{measured / pred:.2f}" if measured and pred else "") + " |")
+                             + (f"{measured / pred:.2f}" if measured and pred else "") + f" | {dp} | {dm} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -158,6 +173,9 @@ def chart(results: list[dict], path: Path) -> Path | None:
         ax_t.set_yticks(list(ypos), labels)
         ax_t.invert_yaxis()
         ax_t.set_xlabel("tokens/s (median, p10-p90 bars)")
+        from matplotlib.patches import Patch
+        ax_t.legend(handles=[Patch(color="tab:blue", label="engine"), Patch(color="tab:orange", label="HF Trainer"),
+                             Patch(color="tab:green", label="hand loop")], loc="lower right", fontsize=8)
         model, procs, precision, seq, mb = key
         ax_t.set_title(f"{model}, {procs} proc, {precision}, seq {seq}, micro-batch {mb}")
         gpu = any("gpu_alloc_mb" in r.get("memory", {}).get("max_over_ranks", {}) for r in rows)

@@ -107,9 +107,16 @@ def parse_backend(spec: str) -> BenchBackend:
 def device_info(gpus: int) -> dict:
     info = {"kind": "cpu", "cpu_model": _cpu_model(), "cpu_cores": os.cpu_count(), "hostname": platform.node()}
     if gpus > 0:
-        import torch
-        info.update(kind="cuda", gpu_name=torch.cuda.get_device_name(0), gpu_count=gpus,
-                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        # asked in a child process: a CUDA context in the bench itself would hold GPU memory
+        # that the measured runs then lack
+        code = ("import torch, json; p = torch.cuda.get_device_properties(0); "
+                "print(json.dumps([p.name, p.total_memory, torch.version.cuda]))")
+        try:
+            name, total, cuda = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                          text=True, timeout=300).stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError, subprocess.TimeoutExpired):
+            name, total, cuda = "unknown GPU", 0, None
+        info.update(kind="cuda", gpu_name=name, gpu_count=gpus, gpu_memory_gb=round(total / 2**30, 1), cuda=cuda)
     return info
 
 
@@ -368,9 +375,16 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         result["tokens_per_s"] = spread(tps)
         result["samples_per_s"] = spread([s["samples_per_s"] for s in steps])
         result["step_s"] = spread([result["tokens_per_step"] / x for x in tps])
-        ends = [s["end"] for s in raw["steps"] if s["step"] >= run.warmup]
-        if len(ends) >= 2 and ends[-1] > ends[0]:  # includes logging and data loading between steps
-            result["wall_tokens_per_s"] = result["tokens_per_step"] * (len(ends) - 1) / (ends[-1] - ends[0])
+        walls, medians = [], []
+        for k in sorted({s.get("round", 1) for s in raw["steps"]}):
+            ends = [s["end"] for s in raw["steps"] if s["step"] >= run.warmup and s.get("round", 1) == k]
+            if len(ends) >= 2 and ends[-1] > ends[0]:  # includes logging and data loading between steps
+                walls.append(result["tokens_per_step"] * (len(ends) - 1) / (ends[-1] - ends[0]))
+            medians.append(statistics.median([s["tokens_per_s"] for s in steps if s.get("round", 1) == k]))
+        if walls:
+            result["wall_tokens_per_s"] = statistics.median(walls)
+        if len(medians) > 1:
+            result["round_median_tokens_per_s"] = medians
         achieved = result["tokens_per_s"]["median"] * fpt / max(1, run.procs) / 1e12  # TFLOP/s per device
         peak = device_peak_tflops(device.get("gpu_name", ""), run.precision) if device["kind"] == "cuda" else None
         result["mfu"] = {"achieved_tflops_per_device": achieved, "peak_tflops_per_device": peak,
@@ -402,7 +416,7 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int, seq: int, micro_batch: int,
                steps: int, warmup: int, precision: str, out: Path, work_dir: Path, timeout: int,
-               echo=print) -> list[dict]:
+               repeat: int = 1, echo=print) -> list[dict]:
     parsed = [parse_backend(b) for b in backends]  # bad specs fail before anything runs
     from engine.bench.flops import parse_model
     for m in models:
@@ -418,8 +432,11 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
     echo(f"bench: {len(runs)} runs on {device.get('gpu_name') or device['cpu_model']} "
          f"({procs} process{'es' if procs > 1 else ''}), {precision}, seq {seq}, micro-batch {micro_batch}, "
          f"{warmup} warm-up + {steps} measured steps; results in {slug_dir}")
-    for i, run in enumerate(runs, 1):
-        head = f"[{i}/{len(runs)}] {run.model} {run.backend.label}"
+    rounds = [(k, run) for k in range(repeat) for run in runs]  # interleaved: drift in load hits all alike
+    raws: dict[str, list[dict]] = {}
+    for i, (k, run) in enumerate(rounds, 1):
+        head = (f"[{i}/{len(rounds)}] {run.model} {run.backend.label}"
+                + (f" (round {k + 1}/{repeat})" if repeat > 1 else ""))
 
         def progress(done, elapsed, head=head, total=run.total_steps):
             if tty:
@@ -429,19 +446,42 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
         if not tty:
             echo(f"{head}: running")
         load_before = load_average()
-        raw = run_one(run, work_dir / session, progress)
-        result = summarize(run, raw, device)
-        result.update(session=session, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      load_average={"before": load_before, "after": load_average()})
-        (slug_dir / f"{run.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        results.append(result)
+        raw = run_one(run, work_dir / session / (f"round{k + 1}" if repeat > 1 else ""), progress)
+        raw["load_average"] = {"before": load_before, "after": load_average()}
+        raws.setdefault(run.name, []).append(raw)
         if tty:
             sys.stderr.write("\r" + " " * 80 + "\r")
-        echo(f"{head}: {one_line(result)}")
+        echo(f"{head}: {one_line(summarize(run, raw, device))}")
+        if k == repeat - 1:
+            merged = merge_rounds(raws[run.name])
+            result = summarize(run, merged, device)
+            result.update(session=session, rounds=repeat,
+                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          load_average={"before": raws[run.name][0]["load_average"]["before"],
+                                        "after": raw["load_average"]["after"],
+                                        "per_round": [r["load_average"] for r in raws[run.name]]})
+            (slug_dir / f"{run.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+            results.append(result)
+            if repeat > 1:
+                echo(f"{head}: all rounds: {one_line(result)}")
     from engine.bench.report import write_report
     paths = write_report(slug_dir)
     echo("report: " + ", ".join(str(p) for p in paths))
     return results
+
+
+def merge_rounds(raws: list[dict]) -> dict:
+    """Several rounds of one combination: steps pooled (tagged by round), the first failure wins,
+    memory from the last round (peaks barely move between identical runs)."""
+    if len(raws) == 1:
+        return raws[0]
+    bad = next((r for r in raws if r["outcome"] != "ok"), None)
+    if bad is not None:
+        return bad
+    merged = dict(raws[-1])
+    merged["steps"] = [{**st, "round": k + 1} for k, r in enumerate(raws) for st in r["steps"]]
+    merged["wall_s"] = round(sum(r["wall_s"] for r in raws), 1)
+    return merged
 
 
 def one_line(r: dict) -> str:
