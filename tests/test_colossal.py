@@ -226,12 +226,18 @@ def test_pp_with_zero2_is_refused():
                            "backend.colossal.zero_stage=2"], backend="colossal")
 
 
-def test_hybrid_zero_in_fp32_is_refused_before_launch():
+@pytest.mark.parametrize("overrides,message", [
+    (["backend.colossal.zero_stage=1"], "zero_stage=1 needs train.precision=bf16 or fp16"),
+    (["backend.colossal.pp_size=2", "backend.colossal.microbatches=3", "train.micro_batch_size=4"],
+     "microbatches=3 must divide train.micro_batch_size=4"),
+    (["backend.colossal.pp_size=4", "backend.colossal.microbatches=2"], "microbatches=2 must be at least pp_size=4"),
+])
+def test_hybrid_misconfigurations_are_refused_before_launch(overrides, message):
     from backends.colossal import ColossalBackend
     from engine.config import load_config
     from engine.errors import EngineError
-    cfg = load_config(None, ["backend.colossal.plugin=hybrid", "backend.colossal.zero_stage=1"], backend="colossal")
-    with pytest.raises(EngineError, match="zero_stage=1 needs train.precision=bf16 or fp16"):
+    cfg = load_config(None, ["backend.colossal.plugin=hybrid", *overrides], backend="colossal")
+    with pytest.raises(EngineError, match=message):
         ColossalBackend.preflight(cfg)
 
 

@@ -77,11 +77,22 @@ def _require_colossalai() -> None:
 
 def _config_error(cfg, options: ColossalOptions) -> str | None:
     """What ColossalAI would refuse with an assert deep inside boost(), said up front."""
-    if options.plugin == "hybrid" and options.zero_stage and cfg.train.precision == "fp32":
-        return (f"backend.colossal.zero_stage={options.zero_stage} needs train.precision=bf16 or fp16 "
+    o, t = options, cfg.train
+    if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
+        return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
                 "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
                 "for fp32 ZeRO use backend.colossal.plugin=low_level_zero)")
-    return _cpu_only_reason(options)
+    if o.plugin == "hybrid" and o.pp_size > 1:
+        if o.num_microbatches < o.pp_size:
+            return (f"backend.colossal.microbatches={o.num_microbatches} must be at least pp_size={o.pp_size} "
+                    "(the 1F1B pipeline schedule needs one micro-batch per stage)")
+        if t.micro_batch_size % o.num_microbatches:
+            return (f"backend.colossal.microbatches={o.num_microbatches} must divide "
+                    f"train.micro_batch_size={t.micro_batch_size} (each pipeline micro-batch is a slice of it)")
+    reason = _cpu_only_reason(o)
+    if reason is None and o.plugin == "gemini" and t.precision == "fp32":
+        return "backend.colossal.plugin=gemini needs train.precision=bf16 or fp16 (ColossalAI's Gemini has no fp32 mode)"
+    return reason
 
 
 def _cpu_only_reason(options: ColossalOptions) -> str | None:
@@ -135,7 +146,6 @@ class ColossalBackend(Backend):
             mixed = "fp16"  # torch amp + GradScaler; bf16 runs under autocast (below)
         self.booster = Booster(plugin=self.plugin, mixed_precision=mixed)
         self.pipelined = options.plugin == "hybrid" and options.pp_size > 1
-        self._tp_group = None
 
     # -- plugin -----------------------------------------------------------------------------
     def _make_plugin(self):
@@ -199,13 +209,18 @@ class ColossalBackend(Backend):
         module = build_model()
         if self.options.plugin == "hybrid":
             from backends.colossal.gpt2_policy import check_model
-            check_model(module)
-        optim = adamw(module, optimizer)
+            check_model(module, self.options.tp_size)
+        if self.options.plugin == "gemini":  # GeminiOptimizer accepts ColossalAI's Adam kernels only
+            from colossalai.nn.optimizer import HybridAdam
+
+            from engine.optim import param_groups
+            optim = HybridAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas,
+                               eps=optimizer.eps, weight_decay=optimizer.weight_decay, adamw_mode=True)
+        else:
+            optim = adamw(module, optimizer)
         sched = build_scheduler(optim, scheduler)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(module, optim, lr_scheduler=sched)
         self.module = self.model.unwrap()
-        if self.options.plugin == "hybrid":
-            self._tp_group = self.plugin.tp_group
 
     # -- training ---------------------------------------------------------------------------
     def _no_sync(self, sync_grads: bool):
@@ -353,7 +368,8 @@ class ColossalBackend(Backend):
     # -- reporting --------------------------------------------------------------------------
     def describe(self) -> dict:
         o = self.options
-        info = {"plugin": o.plugin, "optimizer": "torch.optim.AdamW"}
+        info = {"plugin": o.plugin,
+                "optimizer": "colossalai HybridAdam (AdamW)" if o.plugin == "gemini" else "torch.optim.AdamW"}
         if o.plugin == "low_level_zero":
             info["zero_stage"] = o.stage
         if o.plugin == "hybrid":

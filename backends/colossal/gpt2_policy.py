@@ -36,12 +36,15 @@ def policy_for(task: str):
     raise EngineError(f"backend.colossal.plugin=hybrid has no GPT-2 policy for task {task!r}")
 
 
-def check_model(model) -> None:
+def check_model(model, tp_size: int) -> None:
     name = type(model).__name__
     wanted = {"GPT2LMHeadModel", "GPT2ForSequenceClassification"}
     if name not in wanted:
         raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2 models ({', '.join(sorted(wanted))}); "
                           f"got {name} (use plugin=torch_ddp or low_level_zero for other architectures)")
+    heads = model.config.num_attention_heads
+    if heads % tp_size:
+        raise EngineError(f"backend.colossal.tp_size={tp_size} must divide the model's {heads} attention heads")
 
 
 # --------------------------------------------------------------------------------------------
