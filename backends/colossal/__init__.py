@@ -309,14 +309,19 @@ class ColossalBackend(Backend):
     def _pipeline_eval(self, inputs) -> torch.Tensor:
         # forward-only pipeline: the schedule re-derives its micro-batch count from the eval batch;
         # restore the training split afterwards (the next training batch asserts on it)
+        import logging
         schedule = self.plugin.scheduler
         saved = (schedule.num_microbatches, schedule.microbatch_size)
+        log = logging.getLogger("colossalai")  # it warns about return_outputs on every eval batch
+        level = log.level
+        log.setLevel(logging.ERROR)
         try:  # no_sync: forward-only, so skip the plugin's post-step gradient syncs (there are no grads)
             with self.booster.no_sync(self.model, self.optimizer):
                 out = self.booster.execute_pipeline(iter([inputs]), self.model, lambda o, i: torch.zeros(()),
                                                     optimizer=None, return_loss=False, return_outputs=True)
         finally:
             schedule.num_microbatches, schedule.microbatch_size = saved
+            log.setLevel(level)
         logits = out["outputs"]["logits"] if self.plugin.stage_manager.is_last_stage() else None
         return self._from_last_stage(logits)
 
