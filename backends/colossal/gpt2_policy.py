@@ -105,16 +105,12 @@ def _lm_head_and_loss(model, hidden, labels, shard_config):
     return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits)
 
 
-def lm_forward(self, input_ids=None, attention_mask=None, labels=None, shard_config=None, **_):
-    hidden = _transformer_stage(self.transformer, input_ids, attention_mask, None)
-    return _lm_head_and_loss(self, hidden, labels, shard_config)
-
-
-def lm_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
-                  stage_manager=None, stage_index=None, shard_config=None, **_):
+def lm_forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
+               stage_manager=None, stage_index=None, shard_config=None, **_):
+    """GPT2LMHeadModel.forward for the whole model (no stage_manager) or one pipeline stage."""
     hidden = _transformer_stage(self.transformer, input_ids, attention_mask, hidden_states,
                                 stage_manager, stage_index)
-    if not stage_manager.is_last_stage():
+    if stage_manager is not None and not stage_manager.is_last_stage():
         return {"hidden_states": hidden}
     return _lm_head_and_loss(self, hidden, labels, shard_config)
 
@@ -187,7 +183,7 @@ def _define() -> None:
                 description=SubModuleReplacementDescription(suffix="lm_head", target_module=head, kwargs=kwargs),
                 policy=policy, target_key=GPT2LMHeadModel)
             if self.pipeline_stage_manager is not None:
-                self.set_pipeline_forward(model_cls=GPT2LMHeadModel, new_forward=lm_forward_pp, policy=policy)
+                self.set_pipeline_forward(model_cls=GPT2LMHeadModel, new_forward=lm_forward, policy=policy)
             else:
                 self.append_or_create_method_replacement(
                     description={"forward": partial(lm_forward, shard_config=self.shard_config)},
