@@ -234,7 +234,7 @@ class ColossalBackend(Backend):
                 return self._pipeline_forward_backward(batch)
         with self._no_sync(sync_grads):
             with self._autocast():
-                loss = self._loss(self.model(**batch), batch)
+                loss = self.model(**batch).loss
             self.booster.backward(loss / self.cfg.train.grad_accum, self.optimizer)
         return loss.detach()
 
@@ -242,9 +242,6 @@ class ColossalBackend(Backend):
         # plugins other than torch_ddp run their own mixed precision (fp16/bf16 working params)
         return self.autocast() if self.options.plugin == "torch_ddp" and self.cfg.train.precision == "bf16" \
             else nullcontext()
-
-    def _loss(self, outputs, batch) -> torch.Tensor:
-        return outputs.loss
 
     def _pipeline_forward_backward(self, batch) -> torch.Tensor:
         accum = self.cfg.train.grad_accum
@@ -382,9 +379,6 @@ class ColossalBackend(Backend):
             if o.pp_size > 1:
                 info["microbatches"] = o.num_microbatches
         return info
-
-    def close(self) -> None:
-        pass
 
 
 def _read_shards(folder: Path) -> dict:
