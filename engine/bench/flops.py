@@ -40,6 +40,9 @@ ARCHS: dict[str, dict] = {
     # CPU sizes: a few seconds per step on one core
     "tiny": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512,
              "vocab_size": 8192},
+    # CPU memory checks: wide enough that model states (~60M params) dwarf per-process overheads
+    "tiny-wide": {"model_type": "gpt2", "n_layer": 4, "n_embd": 1024, "n_head": 16, "n_positions": 256,
+                  "vocab_size": 8192},
     "micro": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256,
               "vocab_size": 1024},
 }

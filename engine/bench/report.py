@@ -45,7 +45,8 @@ def _ratio(a: dict, b: dict | None) -> str:
 
 
 def _order(r: dict) -> tuple:
-    return ({"engine": 0, "hf-trainer": 1, "hand-loop": 2}[r["system"]], r["label"])
+    backend = {"ddp": 0, "deepspeed": 1, "colossal": 2}.get(r.get("backend") or "", 3)
+    return ({"engine": 0, "hf-trainer": 1, "hand-loop": 2}[r["system"]], backend, r["label"])
 
 
 def measured_peak_mb(r: dict) -> tuple[float | None, str]:
@@ -113,7 +114,7 @@ def markdown(results: list[dict]) -> str:
                          f"{wall:,.0f}" if wall else "", _ratio(r, trainer), _ratio(r, hand), mfu]
             else:
                 msg = r["message"].replace("|", "/")[:160]
-                cells = [f"{r['outcome']}: {msg}", "", "", "", "", "", ""]
+                cells = [msg, "", "", "", "", "", ""]
             gpu = (f"{_mb(mem.get('gpu_alloc_mb'))} / {_mb(mem.get('gpu_reserved_mb'))}"
                    if "gpu_alloc_mb" in mem else "")
             lines.append(f"| {r['label']} | {r['outcome']} | " + " | ".join(cells)
