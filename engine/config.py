@@ -121,12 +121,12 @@ def default_sample_config() -> dict:
     Sized to finish in about a minute on 2 CPU cores."""
     return {
         "task": "causal_lm",
-        "model": {"config": {"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 128,
+        "model": {"config": {"model_type": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 128,
                              "n_positions": 256}},
         "tokenizer": BUILTIN_SAMPLE,
         "data": {"train": BUILTIN_SAMPLE, "block_size": 128, "validation_split": 0.05},
-        "train": {"max_steps": 120, "micro_batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.1,
-                  "scheduler": "cosine", "weight_decay": 0.01, "eval_every": 40, "save_every": 40,
+        "train": {"max_steps": 200, "micro_batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.1,
+                  "scheduler": "cosine", "weight_decay": 0.01, "eval_every": 50, "save_every": 100,
                   "log_every": 10},
     }
 

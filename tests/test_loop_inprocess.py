@@ -58,3 +58,19 @@ def test_no_weight_decay_on_biases_and_norms(tiny_gpt2):
     assert any("attn.c_attn.weight" in names[id(p)] for p in decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(
         p.numel() for p in model.parameters())  # tied wte/lm_head counted once
+
+
+def test_embedded_default_job_runs_and_its_export_generates(tmp_path):
+    """`engine launch` with no config: the project's own corpus and tokenizer, no download."""
+    from engine.config import BUILTIN_SAMPLE
+    from transformers import pipeline
+    cfg = load_config(None, ["train.max_steps=6", "train.eval_every=3", "train.log_every=1",
+                             f"output_dir={tmp_path / 'run'}"])
+    assert cfg.data.train == BUILTIN_SAMPLE and cfg.model.name_or_path is None
+    result = run(cfg.to_dict())
+    assert result["finished"] and result["perplexity"] < 1000
+    values = losses(tmp_path / "run")
+    assert values[-1] < values[0]
+    text = pipeline("text-generation", model=str(tmp_path / "run" / "model"))("Ada went to", max_new_tokens=5,
+                                                                              do_sample=False)[0]["generated_text"]
+    assert text.startswith("Ada went to")
