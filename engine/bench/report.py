@@ -176,7 +176,7 @@ def chart(results: list[dict], path: Path) -> Path | None:
         ax_t.set_xlabel("tokens/s (median, p10-p90 bars)")
         from matplotlib.patches import Patch
         ax_t.legend(handles=[Patch(color="tab:blue", label="engine"), Patch(color="tab:orange", label="HF Trainer"),
-                             Patch(color="tab:green", label="hand loop")], loc="lower right", fontsize=8)
+                             Patch(color="tab:green", label="hand loop")], loc="best", fontsize=8, framealpha=0.9)
         model, procs, precision, seq, mb = key
         ax_t.set_title(f"{model}, {procs} proc, {precision}, seq {seq}, micro-batch {mb}")
         gpu = any("gpu_alloc_mb" in r.get("memory", {}).get("max_over_ranks", {}) for r in rows)
