@@ -3,6 +3,8 @@ VENV ?= .venv
 # JIT-built DeepSpeed ops (shm comm, CPU Adam) are cached outside the checkout so later runs reuse them.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/engine/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
+# the tensor x pipeline parallel test needs 4 processes: slow on 2 cores (~1 min) but worth running
+export ENGINE_TEST_4PROC ?= 1
 
 .PHONY: setup run test
 setup:

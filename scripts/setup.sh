@@ -18,6 +18,8 @@ $PIP --upgrade pip wheel setuptools >/dev/null
 $PIP "$TORCH"
 $PIP -e ".[all,test]" "$TORCH"
 # ColossalAI without its 2024-era pins; its imports need only these.
+echo "setup: installing colossalai --no-deps; pip's warnings about its unmet pins below are expected (README)"
 $PIP --no-deps "colossalai==0.5.0"
 $PIP psutil peft einops galore_torch fabric "$TORCH"
 touch "$STAMP"
+echo "setup: $VENV ready"
