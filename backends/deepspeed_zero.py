@@ -28,6 +28,7 @@ import torch
 
 from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
 from engine.errors import EngineError
+from engine.optim import build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-folder inside the engine's step-N directory
@@ -251,18 +252,6 @@ def _find_auto(node, prefix="") -> str | None:
     return None
 
 
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """engine.optim.param_groups' rule (decay on matrices only) on the parameters' real shapes:
-    under ZeRO-3 a partitioned parameter's own shape is empty and its full shape is `ds_shape`."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
-        (decay if ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _import_deepspeed():
     """Import deepspeed with the CPU accelerator picked explicitly when there is no CUDA (silences
     DeepSpeed's auto-detection warning)."""
@@ -321,7 +310,6 @@ class DeepSpeedBackend(Backend):
         logging.getLogger("DeepSpeed").setLevel(self.options.log_level.upper())
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(self.options.log_level.upper())
-        from engine.optim import build_scheduler
 
         # first without the model: "auto" sizes that depend on its width fall back to DeepSpeed's
         # defaults for zero.Init (which does not use them); settled below once the model exists
@@ -354,7 +342,7 @@ class DeepSpeedBackend(Backend):
         if hidden:
             self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, hidden, optimizer, scheduler)
 
-        groups = [g for g in _param_groups(module, optimizer.weight_decay) if g["params"]]
+        groups = [g for g in param_groups(module, optimizer.weight_decay) if g["params"]]
         if self.offload_optimizer != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             opt = DeepSpeedCPUAdam(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,

@@ -13,7 +13,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        # a ZeRO-3 partitioned parameter is a flat shard; its real shape is `ds_shape`
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        (decay if ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -50,6 +50,8 @@ def run(cfg_dict: dict) -> dict:
     from engine.metrics import log
     from engine.modeling import model_builder
 
+    if not torch.cuda.is_available():  # transformers imports an installed DeepSpeed, which warns otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = config_from_dict(cfg_dict)
     validate(cfg)
     testhooks.write_pid()
