@@ -6,6 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests never reach the hub (CI has no network): fail fast instead of retrying connections
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import SHARED_DATA, tiny_gpt2_dir  # noqa: E402
 

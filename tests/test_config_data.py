@@ -119,3 +119,15 @@ def test_progress_eta_ignores_warmup_steps():
     for seconds in (30.0, 20.0, 1.0, 1.0):  # two slow warm-up steps, then 1 s steps
         p.update(seconds)
     assert p.eta_seconds() == pytest.approx(6.0)
+
+
+def test_hub_dataset_path_through_datasets_load_dataset(tmp_path):
+    """The hub branch (datasets.load_dataset) exercised on a local dataset folder, since no hub
+    is reachable here; an unknown name is a one-line error, not a traceback."""
+    from engine.data import _rows_from_hub
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.csv").write_text("text,label\nhello world,1\nbye now,0\n")
+    rows = _rows_from_hub(str(tmp_path / "ds"), "data.train", "train", None)
+    assert [r["text"] for r in rows] == ["hello world", "bye now"]
+    with pytest.raises(EngineError, match="could not load hub dataset 'no-such-org/no-such-dataset'"):
+        _rows_from_hub("no-such-org/no-such-dataset", "data.train", "train", None)
