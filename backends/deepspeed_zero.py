@@ -28,7 +28,7 @@ import torch
 
 from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
 from engine.errors import EngineError
-from engine.optim import build_scheduler, param_groups
+from engine.optim import adamw, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-folder inside the engine's step-N directory
@@ -342,15 +342,14 @@ class DeepSpeedBackend(Backend):
         if hidden:
             self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, hidden, optimizer, scheduler)
 
-        groups = [g for g in param_groups(module, optimizer.weight_decay) if g["params"]]
         if self.offload_optimizer != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
+            groups = [g for g in param_groups(module, optimizer.weight_decay) if g["params"]]
             opt = DeepSpeedCPUAdam(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                                    weight_decay=optimizer.weight_decay, adamw_mode=True)
             self.optimizer_name = "DeepSpeedCPUAdam"
         else:
-            opt = torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
-                                    foreach=False)  # as engine.optim.adamw: identical update order
+            opt = adamw(module, optimizer)  # the same optimizer as the DDP backend
             self.optimizer_name = "torch.optim.AdamW"
         self.basic_optimizer = opt
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt,

@@ -7,6 +7,7 @@ directories shared between ranks. Hub dataset names go through `datasets.load_da
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -38,17 +39,12 @@ def _rows_from_csv(path: Path, field: str, delimiter: str = ",", quoting=csv.QUO
                    header: tuple[str, ...] | None = None) -> list[dict]:
     text = _read_text(path, field)
     csv.field_size_limit(sys.maxsize)
-    reader = csv.DictReader(text.splitlines(keepends=True) if quoting == csv.QUOTE_NONE else _lines(text),
-                            delimiter=delimiter, quoting=quoting, fieldnames=header)
+    # newline="" keeps line breaks inside quoted fields intact
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, fieldnames=header)
     try:
         return [dict(r) for r in reader]
     except csv.Error as e:
         raise EngineError(f"{field}: {path} is not valid CSV: {e}") from None
-
-
-def _lines(text: str):
-    import io
-    return io.StringIO(text, newline="")  # keeps newlines inside quoted fields intact
 
 
 def _rows_from_jsonl(path: Path, field: str) -> list[dict]:

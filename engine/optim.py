@@ -22,8 +22,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(model: torch.nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     # foreach=False keeps the per-parameter update order identical across backends (parity tests)
-    return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas,
-                             eps=spec.eps, foreach=False)
+    groups = [g for g in param_groups(model, spec.weight_decay) if g["params"]]  # ZeRO rejects empty groups
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=False)
 
 
 def build_scheduler(optimizer, spec: SchedulerSpec):
