@@ -5,6 +5,10 @@ is built (e.g. ZeRO-3 partitions it while it is constructed), wrapped, stepped, 
 and exported. If a backend needs more from the loop, grow this protocol; never add a
 backend check to the loop.
 
+Backends sit below the engine: they import nothing from engine/ and receive only what they need
+(a TrainingSpec, their own options dataclass, a model factory, the schedule), never the whole
+run config.
+
 Backend modules must stay cheap to import (import deepspeed / colossalai inside methods),
 because the registry imports them all to validate config sections.
 """
@@ -12,39 +16,54 @@ from __future__ import annotations
 
 import importlib
 import os
-import resource
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from engine.errors import EngineError
+from backends.errors import EngineError
+from backends.host import peak_memory_mb
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerSpec:
-    """What the user asked for; each backend builds the optimizer that fits it (AdamW family)."""
+    """What the user asked for; each backend builds the AdamW that fits it."""
     lr: float
     weight_decay: float
     betas: tuple[float, float]
     eps: float
+    impl: str = "auto"      # torch AdamW: auto | fused | foreach | for_loop (backends.optim)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerSpec:
     name: str               # transformers SchedulerType name
     warmup_steps: int
     total_steps: int
 
 
+@dataclass(frozen=True)
+class TrainingSpec:
+    """All a backend is told about the run (built from the run config by the engine)."""
+    task: str               # causal_lm | classification
+    precision: str          # fp32 | bf16 | fp16
+    micro_batch_size: int   # per data-parallel rank
+    grad_accum: int
+    max_grad_norm: float    # 0 = no clipping
+    optimizer: OptimizerSpec
+    scheduler_name: str     # transformers SchedulerType name (steps come with setup())
+    compile: bool = False   # torch.compile the model where the backend allows it
+
+
 @dataclass
 class StepInfo:
-    grad_norm: float | None  # before clipping; None when the backend cannot tell
-    skipped: bool = False    # fp16 overflow: the optimizer step was skipped
+    # grad_norm and skipped may be device tensors: the loop reads them only on log steps, so a
+    # step does not wait for the device
+    grad_norm: torch.Tensor | float | None  # before clipping; None when the backend cannot tell
+    skipped: torch.Tensor | bool = False    # fp16 overflow: the optimizer step was skipped
     lr: float = 0.0
 
 
@@ -72,12 +91,12 @@ class Backend(ABC):
                                 timeout=timedelta(seconds=timeout_s))
 
     @classmethod
-    def preflight(cls, cfg) -> None:
+    def preflight(cls, spec: TrainingSpec, options) -> None:
         """Cheap checks before any process starts (library installed, options fit this machine),
         raising EngineError with a one-line reason. Called by `engine launch`; default: none."""
 
-    def __init__(self, cfg, options) -> None:
-        self.cfg = cfg            # engine.config.Config (whole run config)
+    def __init__(self, spec: TrainingSpec, options) -> None:
+        self.spec = spec
         self.options = options    # this backend's options dataclass
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -105,9 +124,9 @@ class Backend(ABC):
 
     # -- set-up ---------------------------------------------------------------------------
     @abstractmethod
-    def setup(self, build_model: Callable[[], torch.nn.Module], optimizer: OptimizerSpec,
-              scheduler: SchedulerSpec) -> None:
-        """Build the model (inside any partitioning context), wrap it, create optimizer+scheduler."""
+    def setup(self, build_model: Callable[[], torch.nn.Module], scheduler: SchedulerSpec) -> None:
+        """Build the model (inside any partitioning context), wrap it, create the optimizer
+        (self.spec.optimizer) and the scheduler."""
 
     # -- training ---------------------------------------------------------------------------
     @abstractmethod
@@ -115,15 +134,17 @@ class Backend(ABC):
         """Forward on one micro-batch (with `labels`), backward of loss / grad_accum.
 
         `sync_grads` is False for all but the last micro-batch of an accumulation window so
-        backends can skip the gradient all-reduce. Returns the detached, unscaled loss."""
+        backends can skip the gradient all-reduce. Returns the detached, unscaled loss as a device
+        tensor (no host sync)."""
 
     @abstractmethod
     def step(self) -> StepInfo:
         """Clip (train.max_grad_norm, 0 = off), optimizer and scheduler step, zero grads."""
 
     @abstractmethod
-    def eval_forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """No-grad forward in eval mode; returns full logits on every rank of this dp group."""
+    def eval_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """No-grad forward in eval mode on model inputs (no `labels`); returns full logits on
+        every rank of this dp group."""
 
     def train_mode(self, training: bool) -> None:
         self.model.train(training)
@@ -148,26 +169,10 @@ class Backend(ABC):
 
     def memory_stats(self) -> dict[str, float]:
         """Peak memory in MiB: accelerator allocated/reserved when present, host RSS always."""
-        stats = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if self.device.type == "cuda":
-            stats["gpu_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-            stats["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
-        return stats
+        return peak_memory_mb(self.device)
 
     def close(self) -> None:
         pass
-
-    # -- shared helpers ----------------------------------------------------------------------
-    @contextmanager
-    def autocast(self) -> Iterator[None]:
-        """Autocast for bf16/fp16 on backends that do mixed precision with torch.amp."""
-        precision = self.cfg.train.precision
-        if precision == "fp32":
-            yield
-            return
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        with torch.autocast(device_type=self.device.type, dtype=dtype):
-            yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +214,3 @@ def backend_spec(name: str) -> BackendSpec:
 def backend_class(name: str) -> type[Backend]:
     spec = backend_spec(name)
     return getattr(importlib.import_module(spec.module), spec.class_name)
-
-
-def create_backend(cfg) -> Backend:
-    return backend_class(cfg.backend.name)(cfg, cfg.backend_options())

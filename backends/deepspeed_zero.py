@@ -6,9 +6,10 @@ Semantics match the DDP backend (engine/loop.py drives both the same way):
   `engine.set_gradient_accumulation_boundary`, so `engine.step()` runs once per optimizer step.
 - clipping: `gradient_clipping` is always written = train.max_grad_norm (0 = off). DeepSpeed's own
   default is 1.0 and clips silently, so it is never left to the default.
-- optimizer: torch AdamW with the engine's parameter groups (engine.optim.adamw) without offload;
-  DeepSpeedCPUAdam with the same groups and hyper-parameters when the optimizer is offloaded.
-- scheduler: the transformers scheduler from engine.optim, stepped here after every optimizer step
+- optimizer: torch AdamW with the shared parameter groups (backends.optim.adamw: fused on CUDA by
+  default) without offload; DeepSpeedCPUAdam with the same groups and hyper-parameters when the
+  optimizer is offloaded.
+- scheduler: the transformers scheduler from backends.optim, stepped here after every optimizer step
   (also after an fp16-overflow skip, like DDP's GradScaler path); saved in the checkpoint's
   client_state.
 
@@ -26,9 +27,8 @@ from typing import Any
 
 import torch
 
-from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
-from engine.errors import EngineError
-from engine.optim import adamw, build_scheduler, param_groups
+from backends.base import Backend, EngineError, SchedulerSpec, StepInfo, TrainingSpec, register_backend
+from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's sub-folder inside the engine's step-N directory
@@ -121,11 +121,12 @@ _FILL_FROM_HIDDEN = {  # HF-integration style "auto" values that depend on the m
 }
 
 
-def build_ds_config(cfg, options: DeepSpeedOptions, world_size: int, hidden_size: int | None,
-                    optimizer: OptimizerSpec | None = None, scheduler: SchedulerSpec | None = None) -> dict:
+def build_ds_config(spec: TrainingSpec, options: DeepSpeedOptions, world_size: int | None,
+                    hidden_size: int | None, scheduler: SchedulerSpec | None = None) -> dict:
     """The DeepSpeed config dict the engine runs with. The engine's values win where the user's JSON
-    says "auto" or nothing; an explicit, different value in the JSON is an EngineError naming both."""
-    t = cfg.train
+    says "auto" or nothing; an explicit, different value in the JSON is an EngineError naming both.
+    world_size, hidden_size and scheduler are None in preflight (not known before launch)."""
+    t, optimizer = spec, spec.optimizer
     stage, opt_dev, par_dev = options.resolved_zero()
     user = copy.deepcopy(options.user_config())
     src = "backend.deepspeed.config_file"
@@ -188,8 +189,6 @@ def build_ds_config(cfg, options: DeepSpeedOptions, world_size: int, hidden_size
 
     # optimizer / scheduler sections: the engine builds both from train.*; the JSON may only agree
     if "optimizer" in ds:
-        if optimizer is None:
-            optimizer = OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
         section = ds.pop("optimizer") or {}
         kind = str(section.get("type", "AdamW"))
         if kind.lower() not in ("adam", "adamw"):
@@ -213,16 +212,16 @@ def build_ds_config(cfg, options: DeepSpeedOptions, world_size: int, hidden_size
             raise EngineError(f"scheduler.type={kind!r} in {src} is not supported; the engine's schedulers are "
                               f"train.scheduler (transformers): remove the section or use one of "
                               f"{', '.join(_SCHEDULER_TYPES)}")
-        if cfg.train.scheduler not in _SCHEDULER_TYPES[kind]:
+        if spec.scheduler_name not in _SCHEDULER_TYPES[kind]:
             raise EngineError(f"scheduler.type={kind!r} in {src} conflicts with train.scheduler="
-                              f"{cfg.train.scheduler!r} (it means {' or '.join(_SCHEDULER_TYPES[kind])})")
+                              f"{spec.scheduler_name!r} (it means {' or '.join(_SCHEDULER_TYPES[kind])})")
         params = dict(section.get("params") or {})
         if scheduler is None:  # preflight: total steps are known only once the data is
             params.pop("warmup_num_steps", None), params.pop("total_num_steps", None)
-            scheduler = SchedulerSpec(cfg.train.scheduler, "auto", "auto")
+            scheduler = SchedulerSpec(spec.scheduler_name, "auto", "auto")
         settle(params, "warmup_num_steps", scheduler.warmup_steps, "round(train.warmup_ratio x total steps)",
                "scheduler.params.warmup_num_steps")
-        settle(params, "warmup_max_lr", optimizer.lr if optimizer else cfg.train.lr, "train.lr",
+        settle(params, "warmup_max_lr", optimizer.lr, "train.lr",
                "scheduler.params.warmup_max_lr", close)
         settle(params, "warmup_min_lr", 0.0, "the engine's warm-up start", "scheduler.params.warmup_min_lr", close)
         if kind != "WarmupLR":
@@ -288,24 +287,24 @@ class DeepSpeedBackend(Backend):
                                    timeout=timedelta(seconds=timeout_s))
 
     @classmethod
-    def preflight(cls, cfg) -> None:
+    def preflight(cls, spec: TrainingSpec, options: DeepSpeedOptions) -> None:
         """Before `engine launch` spawns processes: deepspeed importable, the user's JSON consistent
         with the engine config (all but the values that need the data or the process count)."""
         import importlib.util
         if importlib.util.find_spec("deepspeed") is None:
             raise EngineError("backend deepspeed needs the deepspeed package: pip install 'engine[deepspeed]' "
                               "(deepspeed and ninja)")
-        build_ds_config(cfg, cfg.backend_options("deepspeed"), None, None)
+        build_ds_config(spec, options, None, None)
 
-    def __init__(self, cfg, options: DeepSpeedOptions) -> None:
-        super().__init__(cfg, options)
+    def __init__(self, spec: TrainingSpec, options: DeepSpeedOptions) -> None:
+        super().__init__(spec, options)
         self.stage, self.offload_optimizer, self.offload_params = options.resolved_zero()
         self.engine = None
         self._hf_ds_config = None
         self._grad_norm_fallback = False
 
     # -- set-up ---------------------------------------------------------------------------
-    def setup(self, build_model, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
+    def setup(self, build_model, scheduler: SchedulerSpec) -> None:
         deepspeed = _import_deepspeed()
         logging.getLogger("DeepSpeed").setLevel(self.options.log_level.upper())
         from deepspeed.utils import logger as ds_logger
@@ -313,10 +312,10 @@ class DeepSpeedBackend(Backend):
 
         # first without the model: "auto" sizes that depend on its width fall back to DeepSpeed's
         # defaults for zero.Init (which does not use them); settled below once the model exists
-        self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, None, optimizer, scheduler)
+        self.ds_config = build_ds_config(self.spec, self.options, self.world_size, None, scheduler)
         from deepspeed.accelerator import get_accelerator
         accel = get_accelerator()
-        precision = self.cfg.train.precision
+        precision = self.spec.precision
         if (precision == "fp16" and not accel.is_fp16_supported()) or \
                 (precision == "bf16" and not accel.is_bf16_supported()):
             raise EngineError(f"train.precision={precision} is not supported by DeepSpeed on this device "
@@ -340,17 +339,17 @@ class DeepSpeedBackend(Backend):
         self.module = module
         hidden = _hidden_size(getattr(module, "config", None))
         if hidden:
-            self.ds_config = build_ds_config(self.cfg, self.options, self.world_size, hidden, optimizer, scheduler)
+            self.ds_config = build_ds_config(self.spec, self.options, self.world_size, hidden, scheduler)
 
+        optimizer = self.spec.optimizer
         if self.offload_optimizer != "none":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            groups = [g for g in param_groups(module, optimizer.weight_decay) if g["params"]]
-            opt = DeepSpeedCPUAdam(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+            opt = DeepSpeedCPUAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                                    weight_decay=optimizer.weight_decay, adamw_mode=True)
             self.optimizer_name = "DeepSpeedCPUAdam"
         else:
-            opt = adamw(module, optimizer)  # the same optimizer as the DDP backend
-            self.optimizer_name = "torch.optim.AdamW"
+            opt = adamw(module, optimizer, self.device)  # the same optimizer as the DDP backend
+            self.optimizer_name = f"torch.optim.AdamW ({adamw_impl(optimizer.impl, self.device)})"
         self.basic_optimizer = opt
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt,
                                                                  config=self.ds_config)
@@ -358,6 +357,8 @@ class DeepSpeedBackend(Backend):
         # partitions but keeps the group dicts, so the lr this scheduler sets is the lr used)
         self.scheduler = build_scheduler(opt, scheduler)
         self.model = self.engine
+        if self.spec.compile:
+            self.engine.compile()  # DeepSpeed's own torch.compile of the wrapped module (keeps its hooks)
         # Stage 0 in fp32 has no ZeRO optimizer wrapper, so DeepSpeed keeps no norm: measure it with
         # DeepSpeed's own global-norm helper before its step (grads are all-reduced by then).
         self._grad_norm_fallback = not hasattr(self.engine.optimizer, "_global_grad_norm")
@@ -376,21 +377,18 @@ class DeepSpeedBackend(Backend):
         if self._grad_norm_fallback:
             from deepspeed.runtime.utils import get_global_norm_of_tensors
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            measured = float(get_global_norm_of_tensors(grads)) if grads else 0.0
+            measured = get_global_norm_of_tensors(grads) if grads else 0.0
         lr = self.scheduler.get_last_lr()[0]
         self.engine.step()
         applied = self.engine.was_step_applied()
         self.scheduler.step()  # also after an fp16 overflow skip, as under DDP
         norm = self.engine.get_global_grad_norm() if measured is None else measured
-        if isinstance(norm, torch.Tensor):
-            norm = float(norm)
-        return StepInfo(grad_norm=None if norm is None else float(norm), skipped=not applied, lr=lr)
+        return StepInfo(grad_norm=norm, skipped=not applied, lr=lr)
 
     @torch.no_grad()
-    def eval_forward(self, batch) -> torch.Tensor:
+    def eval_forward(self, inputs) -> torch.Tensor:
         # under ZeRO-3 the forward gathers parameters collectively: every rank must call it the
         # same number of times (the loop gives every data-parallel rank the same number of batches)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         return self.engine(**inputs).logits
 
     def train_mode(self, training: bool) -> None:
@@ -426,7 +424,8 @@ class DeepSpeedBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {"zero_stage": self.stage, "optimizer": getattr(self, "optimizer_name", "?"),
                 "offload_optimizer": self.offload_optimizer, "offload_params": self.offload_params,
-                "precision": self.cfg.train.precision, "gradient_clipping": self.cfg.train.max_grad_norm}
+                "precision": self.spec.precision, "gradient_clipping": self.spec.max_grad_norm,
+                "compiled": self.spec.compile}
 
     def close(self) -> None:
         if self._hf_ds_config is not None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,24 +24,9 @@ def _split_config_and_overrides(args: tuple[str, ...]) -> tuple[str | None, list
     return config, overrides
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gpu_count() -> int:
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from backends.host import gpu_count
+    return gpu_count()
 
 
 class EngineGroup(click.Group):
@@ -71,7 +55,7 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
     from backends.base import backend_class
 
     cfg = load_config(config, overrides, backend=backend)
-    backend_class(cfg.backend.name).preflight(cfg)  # e.g. library missing: one line, before spawning
+    backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options())  # before spawning
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     mode = check_output_dir(Path(cfg.output_dir))
@@ -121,9 +105,10 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
         from launch.ray_launcher import require_ray
         require_ray()  # before any data is read: a missing Ray is one line
     if launcher == "torchrun":
+        from backends.host import free_port, port_free
         if master_port is None:
-            master_port = _free_port() if nnodes == 1 else 29500
-        if node_rank == 0 and not _port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
+            master_port = free_port() if nnodes == 1 else 29500
+        if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
     cfg = resolve_job(config, overrides, backend)
     cfg_dict = cfg.to_dict()

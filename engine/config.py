@@ -20,6 +20,8 @@ from engine.errors import EngineError
 
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")  # backends.optim
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
 BUILTIN_SAMPLE = "builtin:sample"  # the project's own generated corpus and tokenizer
@@ -31,6 +33,7 @@ class ModelConfig:
     config: dict = field(default_factory=dict)  # architecture overrides (model_type picks the family)
     trust_remote_code: bool = False
     num_labels: int | None = None     # classification; inferred from the GLUE task or the data
+    attn_implementation: str | None = None  # None = the model's default (sdpa where supported), eager, flash_attention_2
 
 
 @dataclass
@@ -60,12 +63,14 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    adamw_impl: str = "auto"          # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop (deterministic)
     warmup_ratio: float = 0.0
     scheduler: str = "linear"
     max_grad_norm: float = 1.0        # 0 = no clipping
     seed: int = 42
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    compile: bool = False             # torch.compile the model (ddp, deepspeed)
     eval_every: int = 0               # steps; 0 = only at the end
     eval_batch_size: int | None = None
     save_every: int = 0               # steps; 0 = only at the end
@@ -105,14 +110,21 @@ class Config:
         return _build(backend_spec(name).options_cls, self.backend.options.get(name, {}) or {},
                       f"backend.{name}")
 
+    def training_spec(self):
+        """What the backend is told about the run (backends never see the whole config)."""
+        from backends.base import OptimizerSpec, TrainingSpec
+        t = self.train
+        return TrainingSpec(task=self.task, precision=t.precision, micro_batch_size=t.micro_batch_size,
+                            grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+                            optimizer=OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps,
+                                                    t.adamw_impl),
+                            scheduler_name=t.scheduler, compile=t.compile)
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         opts = out["backend"].pop("options")
         out["backend"].update(opts)
         return out
-
-    def dump_yaml(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def default_sample_config() -> dict:
@@ -260,7 +272,7 @@ def _coerce(tp, value, dotted: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Validation (cheap checks only; data and model checks happen in engine.preflight)
+# Validation (cheap checks only; data and model checks happen in engine.worker.prepare_run)
 # --------------------------------------------------------------------------------------------
 def _choice(value, choices, name):
     if value not in choices:
@@ -281,6 +293,9 @@ def validate(cfg: Config) -> None:
     t, d = cfg.train, cfg.data
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.scheduler, SCHEDULERS, "train.scheduler")
+    _choice(t.adamw_impl, ADAMW_IMPLS, "train.adamw_impl")
+    if cfg.model.attn_implementation is not None:
+        _choice(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "data.block_size": d.block_size, "train.log_every": t.log_every,
                 "train.keep_last": t.keep_last}

@@ -1,15 +1,24 @@
 """THE training loop, shared by every backend. It knows tasks, data and the run directory;
-it talks to the backend only through the verbs of backends.base.Backend."""
+it talks to the backend only through the verbs of backends.base.Backend.
+
+Read top to bottom: `train` plans the run, sets the backend up, resumes, and runs the steps with
+their bookkeeping (log, eval, checkpoint); `_train_step` is one optimizer step over this rank's
+micro-batches; `_log_window` reduces a log window over ranks; `_finish` saves, evaluates, exports. Losses and token counts stay on
+the device between log steps: the host never waits for the device inside a step, so it can queue
+work ahead (the progress bar shows the last logged loss).
+"""
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from backends.base import Backend, OptimizerSpec, SchedulerSpec
+from backends.base import Backend, SchedulerSpec
+from backends.host import current_rss_mb
 from engine.checkpoint import (RunState, barrier, latest_checkpoint, load_checkpoint, save_checkpoint,
                                seed_everything, write_run_status)
 from engine.config import Config
@@ -27,147 +36,199 @@ def step_batches(n_examples: int, global_batch: int, seed: int, epoch: int, step
     return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch].tolist()
 
 
-def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model, tokenizer,
-          output_dir: Path) -> dict:
+@dataclass
+class Plan:
+    micro: int
+    accum: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class Run:
+    """What the step and the bookkeeping share for one training session."""
+    cfg: Config
+    backend: Backend
+    task: Task
+    data: TaskData
+    plan: Plan
+    output_dir: Path
+    state: RunState
+    metrics: MetricsLog
+    collective: Collective
+
+
+def plan_run(cfg: Config, n_train: int, dp_size: int, main: bool) -> Plan:
     t = cfg.train
-    main = backend.is_main
-    micro, accum, dp = t.micro_batch_size, t.grad_accum, backend.dp_size
-    global_batch = micro * accum * dp
-    n_train = len(data.train)
+    global_batch = t.micro_batch_size * t.grad_accum * dp_size
     steps_per_epoch = n_train // global_batch
     if steps_per_epoch == 0:
         raise EngineError(f"the training set has {n_train} examples, fewer than one global batch of "
-                          f"{global_batch} (micro_batch_size {micro} x grad_accum {accum} x {dp} ranks)")
+                          f"{global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
+                          f"{dp_size} ranks)")
     dropped = n_train - steps_per_epoch * global_batch
     if dropped and main:
         log(f"warning: {dropped} of {n_train} training examples are dropped each epoch "
             f"(not a multiple of the global batch {global_batch})")
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    return Plan(t.micro_batch_size, t.grad_accum, global_batch, steps_per_epoch, total_steps)
 
+
+def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model, tokenizer,
+          output_dir: Path) -> dict:
+    t = cfg.train
+    plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
-    rss_before_setup = _current_rss_mb()
-    backend.setup(build_model,
-                  OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps),
-                  SchedulerSpec(t.scheduler, round(t.warmup_ratio * total_steps), total_steps))
-    state = RunState(dp_size=dp, global_batch=global_batch)
+    rss_before_setup = current_rss_mb()
+    backend.setup(build_model, SchedulerSpec(t.scheduler, round(t.warmup_ratio * plan.total_steps), plan.total_steps))
+    state, resumed_from = _resume(backend, output_dir, plan)
+    if backend.is_main:
+        write_run_status(output_dir, "running", step=state.step, total_steps=plan.total_steps)
+        log(f"backend {cfg.backend.name} {backend.describe()} | {backend.dp_size} data-parallel ranks | global batch "
+            f"{plan.global_batch} | {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
+            + (f" | resumed from {resumed_from.name}" if resumed_from else ""))
+    run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
+              MetricsLog(output_dir, state.step, enabled=backend.is_main), _collective(backend))
+    progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
+
+    window = Window(backend.device)
+    last_saved, finished, last_loss = state.step, True, None
+    while state.step < plan.total_steps:
+        started = time.perf_counter()
+        info = _train_step(run, window)
+        state.step += 1
+        state.samples_seen += plan.global_batch
+        if state.step % t.log_every == 0 or state.step == plan.total_steps:
+            last_loss = _log_window(run, window, info, started)  # the one host sync of a step
+            window = Window(backend.device)
+        else:
+            window.seconds += time.perf_counter() - started
+        progress.update(time.perf_counter() - started, **({"loss": f"{last_loss:.4f}"} if last_loss else {}))
+        if _periodic(t.eval_every, state.step, plan.total_steps):
+            _evaluate(run)
+        if _periodic(t.save_every, state.step, plan.total_steps):
+            save_checkpoint(backend, output_dir, state, t.keep_last)
+            last_saved = state.step
+        if t.stop_at_step and t.stop_at_step <= state.step < plan.total_steps:
+            finished = False
+            break
+    progress.close()
+    return _finish(run, tokenizer, finished, last_saved, rss_before_setup)
+
+
+def _resume(backend: Backend, output_dir: Path, plan: Plan) -> tuple[RunState, Path | None]:
+    state = RunState(dp_size=backend.dp_size, global_batch=plan.global_batch)
     resume_from = latest_checkpoint(output_dir)
     if resume_from is not None:
         state = load_checkpoint(backend, resume_from)
-        if state.global_batch != global_batch and main:
-            log(f"warning: global batch changed from {state.global_batch} to {global_batch} on resume")
-        state.global_batch, state.dp_size = global_batch, dp
-    if main:
-        write_run_status(output_dir, "running", step=state.step, total_steps=total_steps)
-        log(f"backend {cfg.backend.name} {backend.describe()} | {dp} data-parallel ranks | global batch "
-            f"{global_batch} | {total_steps} steps ({steps_per_epoch}/epoch)"
-            + (f" | resumed from {resume_from.name}" if resume_from else ""))
-    metrics = MetricsLog(output_dir, state.step, enabled=main)
-    progress = Progress(total_steps, state.step, enabled=main)
-    collective = _collective(backend)
+        if state.global_batch != plan.global_batch and backend.is_main:
+            log(f"warning: global batch changed from {state.global_batch} to {plan.global_batch} on resume")
+        state.global_batch, state.dp_size = plan.global_batch, backend.dp_size
+    return state, resume_from
 
-    window = _new_window()
-    last_saved = state.step
-    finished = True
-    while state.step < total_steps:
-        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
-        indices = step_batches(n_train, global_batch, t.seed, epoch, step_in_epoch)
-        mine = indices[backend.dp_rank * micro * accum:(backend.dp_rank + 1) * micro * accum]
 
-        started = time.perf_counter()
-        backend.train_mode(True)
-        step_loss = 0.0
-        for k in range(accum):
-            batch = _to_device(task.collate([data.train[i] for i in mine[k * micro:(k + 1) * micro]]),
-                               backend.device)
-            step_loss += float(backend.forward_backward(batch, sync_grads=k == accum - 1)) / accum
-            window["tokens"] += task.tokens_in(batch)
-        info = backend.step()
-        seconds = time.perf_counter() - started
+def _periodic(every: int, step: int, total_steps: int) -> bool:
+    """Every `every` steps (0 = never) before the last, which _finish handles."""
+    return bool(every) and step % every == 0 and step < total_steps
 
-        state.step += 1
-        state.samples_seen += global_batch
-        window["loss"] += step_loss
-        window["steps"] += 1
-        window["samples"] += micro * accum
-        window["seconds"] += seconds
-        window["skipped"] += int(info.skipped)
-        progress.update(seconds, loss=f"{step_loss:.4f}")
 
-        if state.step % t.log_every == 0 or state.step == total_steps:
-            loss, tokens, samples = _reduce_mean_sums(backend, collective, window)
-            state.tokens_seen += int(tokens)
-            metrics.write("train", state.step, loss=loss, lr=info.lr, grad_norm=info.grad_norm,
-                          tokens_per_s=tokens / window["seconds"], samples_per_s=samples / window["seconds"],
-                          skipped_steps=window["skipped"], epoch=round(state.step / steps_per_epoch, 4),
-                          **{k: round(v, 1) for k, v in backend.memory_stats().items()})
-            window = _new_window()
+class Window:
+    """Sums over the steps since the last log line. Loss stays a device tensor (adding to it
+    queues work, it does not wait); tokens are counted on the host from the collated CPU batch."""
 
-        if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps:
-            _evaluate(cfg, backend, task, data, collective, metrics, state.step)
-        if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-            save_checkpoint(backend, output_dir, state, t.keep_last)
-            last_saved = state.step
-        if t.stop_at_step and state.step >= t.stop_at_step and state.step < total_steps:
-            finished = False
-            break
+    def __init__(self, device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = self.tokens = self.samples = 0
+        self.skipped: list = []  # per-step bools or device tensors
+        self.seconds = 0.0
 
-    progress.close()
-    _write_rank_memory(backend, metrics, state.step, rss_before_setup)
+
+def _train_step(run: Run, window: Window):
+    """One optimizer step: this rank's micro-batches, forward+backward each, then the backend's step."""
+    backend, plan, task, data = run.backend, run.plan, run.task, run.data
+    epoch, step_in_epoch = divmod(run.state.step, plan.steps_per_epoch)
+    indices = step_batches(len(data.train), plan.global_batch, run.cfg.train.seed, epoch, step_in_epoch)
+    per_rank = plan.micro * plan.accum
+    mine = indices[backend.dp_rank * per_rank:(backend.dp_rank + 1) * per_rank]
+    backend.train_mode(True)
+    for k in range(plan.accum):
+        batch = task.collate([data.train[i] for i in mine[k * plan.micro:(k + 1) * plan.micro]])
+        window.tokens += task.tokens_in(batch)  # CPU tensors: no device sync
+        loss = backend.forward_backward(_to_device(batch, backend.device), sync_grads=k == plan.accum - 1)
+        window.loss += loss.double() / plan.accum
+    info = backend.step()
+    window.steps += 1
+    window.samples += per_rank
+    window.skipped.append(info.skipped)
+    return info
+
+
+def _log_window(run: Run, window: Window, info, step_started: float) -> float:
+    """Reduce the window over data-parallel ranks (this waits for the device) and write a train event."""
+    backend = run.backend
+    counts = torch.tensor([window.tokens, window.samples], dtype=torch.float64).to(window.loss.device)
+    sums = torch.cat([window.loss.reshape(1), counts])
+    sums = run.collective.all_reduce_sum(sums).tolist()
+    window.seconds += time.perf_counter() - step_started  # after the sync: the device has caught up
+    loss, tokens, samples = sums[0] / (window.steps * backend.dp_size), sums[1], sums[2]
+    run.state.tokens_seen += int(tokens)
+    run.metrics.write("train", run.state.step, loss=loss, lr=info.lr, grad_norm=_number(info.grad_norm),
+                      tokens_per_s=tokens / window.seconds, samples_per_s=samples / window.seconds,
+                      skipped_steps=sum(int(_number(s)) for s in window.skipped),
+                      epoch=round(run.state.step / run.plan.steps_per_epoch, 4),
+                      **{k: round(v, 1) for k, v in backend.memory_stats().items()})
+    return loss
+
+
+def _number(value):
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_setup: float | None) -> dict:
+    backend, state, t = run.backend, run.state, run.cfg.train
+    _write_rank_memory(run, rss_before_setup)
     if state.step != last_saved and t.save_final:
-        save_checkpoint(backend, output_dir, state, t.keep_last)
+        save_checkpoint(backend, run.output_dir, state, t.keep_last)
     result = {"step": state.step, "finished": finished}
     if finished:
-        result.update(_evaluate(cfg, backend, task, data, collective, metrics, state.step))
-        export_dir = Path(output_dir) / "model"
+        result.update(_evaluate(run))
+        export_dir = run.output_dir / "model"
         if t.save_final:
             backend.export_pretrained(export_dir)
-        if main:
+        if backend.is_main:
             if t.save_final:
                 tokenizer.save_pretrained(export_dir)
-            write_run_status(output_dir, "finished", step=state.step, total_steps=total_steps)
+            write_run_status(run.output_dir, "finished", step=state.step, total_steps=run.plan.total_steps)
             log(f"finished: model saved to {export_dir}" if t.save_final else "finished (train.save_final=false: "
                 "no final checkpoint or model export)")
-    elif main:
+    elif backend.is_main:
         log(f"stopped at step {state.step} (train.stop_at_step); relaunch with the same output_dir to resume")
     barrier()
-    metrics.close()
+    run.metrics.close()
     return result
 
 
-def _current_rss_mb() -> float | None:
-    """This process's resident memory now (Linux /proc), for the `memory` event's baseline."""
-    try:
-        import os
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _write_rank_memory(backend, metrics, step: int, rss_before_setup: float | None) -> None:
+def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
     """One `memory` event after the training steps (before the final save/export): every rank's
     peak memory_stats(), plus its host RSS just before the model was built (what training added
     is the difference). Gathered over all ranks, not only the data-parallel group."""
-    mine = {k: round(v, 1) for k, v in backend.memory_stats().items()}
+    mine = {k: round(v, 1) for k, v in run.backend.memory_stats().items()}
     if rss_before_setup is not None:
         mine["host_rss_before_setup_mb"] = round(rss_before_setup, 1)
     per_rank = [mine]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine)
-    metrics.write("memory", step, per_rank=per_rank)
+    run.metrics.write("memory", run.state.step, per_rank=per_rank)
 
 
-def _new_window() -> dict:
-    """Sums over the steps since the last log line."""
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "seconds": 0.0, "skipped": 0}
-
-
-def _evaluate(cfg, backend, task, data, collective, metrics, step) -> dict:
+def _evaluate(run: Run) -> dict:
+    backend, data, task = run.backend, run.data, run.task
     if data.eval is None:
         return {}
     backend.train_mode(False)
-    size = cfg.train.eval_batch_size or cfg.train.micro_batch_size
+    size = run.cfg.train.eval_batch_size or run.cfg.train.micro_batch_size
     # each example on exactly one data-parallel rank: no padding, no duplicates
     mine = list(range(backend.dp_rank, len(data.eval), backend.dp_size))
     state = task.eval_init()
@@ -175,17 +236,16 @@ def _evaluate(cfg, backend, task, data, collective, metrics, step) -> dict:
     # backends that shard parameters (ZeRO-3) gather them collectively inside the forward
     n_batches = math.ceil(math.ceil(len(data.eval) / backend.dp_size) / size)
     for start in range(0, n_batches * size, size):
-        chunk = mine[start:start + size]
-        if not chunk:  # this rank has run out: a forward whose result is discarded
-            backend.eval_forward(_to_device(task.collate([data.eval[0]]), backend.device))
-            continue
+        chunk = mine[start:start + size] or [0]  # a rank that has run out: a forward whose result is discarded
         batch = _to_device(task.collate([data.eval[i] for i in chunk]), backend.device)
-        task.eval_update(state, backend.eval_forward(batch), batch, chunk)
-    results = task.eval_finish(state, collective, backend.device)
-    metrics.write("eval", step, **results)
+        logits = backend.eval_forward({k: v for k, v in batch.items() if k != "labels"})
+        if mine[start:start + size]:
+            task.eval_update(state, logits, batch, chunk)
+    results = task.eval_finish(state, run.collective, backend.device)
+    run.metrics.write("eval", run.state.step, **results)
     if backend.is_main:
-        log(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in results.items()))
+        log(f"eval @ step {run.state.step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in results.items()))
     return results
 
 
@@ -205,14 +265,6 @@ def _collective(backend: Backend) -> Collective:
         return out
 
     return Collective(all_reduce_sum, all_gather_object)
-
-
-def _reduce_mean_sums(backend, collective, window) -> tuple[float, float, float]:
-    """Loss averaged over steps and dp ranks; tokens and samples summed over dp ranks."""
-    t = torch.tensor([window["loss"], float(window["tokens"]), float(window["samples"])],
-                     dtype=torch.float64, device=backend.device)
-    t = collective.all_reduce_sum(t)
-    return float(t[0]) / (window["steps"] * backend.dp_size), float(t[1]), float(t[2])
 
 
 def _to_device(batch: dict, device) -> dict:

@@ -71,17 +71,36 @@ def check_block_size(cfg: Config, conf) -> None:
         raise EngineError(f"data.block_size={cfg.data.block_size} exceeds the model's context of {ctx} tokens")
 
 
+def check_attn_implementation(cfg: Config, conf, auto_class) -> None:
+    """model.attn_implementation against the model class and the installed packages, before spawning."""
+    impl = cfg.model.attn_implementation
+    if impl is None or impl == "eager":
+        return
+    model_cls = auto_class._model_mapping.get(type(conf), None) if hasattr(auto_class, "_model_mapping") else None
+    supports = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}[impl]
+    if model_cls is not None and getattr(model_cls, supports, True) is False:
+        raise EngineError(f"model.attn_implementation={impl} is not supported by {model_cls.__name__}; "
+                          f"use eager (or leave it unset for the model's default)")
+    if impl == "flash_attention_2":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is None:
+            raise EngineError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn, CUDA only); sdpa uses PyTorch's own flash kernels")
+
+
 def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module]:
     """A zero-argument factory: backends call it inside their own construction context
     (e.g. ZeRO-3's zero.Init) so a model too big for one device is partitioned as it is built."""
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+
     def build() -> torch.nn.Module:
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and backend
         if cfg.model.name_or_path:
             model = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
-                                               trust_remote_code=cfg.model.trust_remote_code)
+                                               trust_remote_code=cfg.model.trust_remote_code, **extra)
         else:
             model = auto_class.from_config(conf, dtype=torch.float32,
-                                           trust_remote_code=cfg.model.trust_remote_code)
+                                           trust_remote_code=cfg.model.trust_remote_code, **extra)
         if cfg.train.gradient_checkpointing:
             kwargs = {"use_reentrant": False}  # non-reentrant works with DDP/ZeRO hooks
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

@@ -16,7 +16,7 @@ from engine.errors import EngineError
 def prepare_run(cfg):
     """Everything that depends only on config and data (tokenizer, task data, model config).
     Shared by the launcher's preflight and by every rank, so bad input fails before spawning."""
-    from engine.modeling import check_block_size, load_model_config, load_tokenizer
+    from engine.modeling import check_attn_implementation, check_block_size, load_model_config, load_tokenizer
     from engine.tasks import get_task
 
     task = get_task(cfg.task)
@@ -24,6 +24,7 @@ def prepare_run(cfg):
     data = task.prepare(cfg, tokenizer)
     conf = load_model_config(cfg, tokenizer, data.num_labels)
     check_block_size(cfg, conf)
+    check_attn_implementation(cfg, conf, task.auto_model_class())
     return task, tokenizer, data, conf
 
 
@@ -61,7 +62,7 @@ def run(cfg_dict: dict) -> dict:
     backend = None
     try:
         task, tokenizer, data, conf = prepare_run(cfg)
-        backend = backend_cls(cfg, cfg.backend_options())
+        backend = backend_cls(cfg.training_spec(), cfg.backend_options())
         output_dir = Path(cfg.output_dir)
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)

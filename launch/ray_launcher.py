@@ -46,9 +46,8 @@ class _RankWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid(), "cpus": os.cpu_count()}
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        from backends.host import free_port
+        return free_port("")  # on the actor's own (possibly remote) node, every interface
 
     def run(self, cfg_dict: dict, env: dict) -> str | None:
         """Train as one rank. Returns None, or the one-line message of a bad-input EngineError."""
@@ -138,8 +137,8 @@ def _check_reachable(address: str) -> None:
 
 
 def _local_gpu_count() -> int:
-    import torch
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from backends.host import gpu_count
+    return gpu_count()
 
 
 def _describe_cluster(ray) -> str:

@@ -62,6 +62,7 @@ def _scenario(model: Path, out: Path, task: str, variant: str, *extra: str) -> d
     backend, opts = VARIANTS[variant]
     overrides = [f"model.name_or_path={model}", "train.log_every=1", f"train.max_steps={STEPS}",
                  "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_batch_size=8", f"output_dir={out}",
+                 "train.adamw_impl=for_loop",  # the per-parameter update: the same order however a plugin shards
                  *TASKS[task], *opts, *extra]
     return load_config(None, overrides, backend=backend).to_dict()
 
@@ -238,7 +239,7 @@ def test_hybrid_misconfigurations_are_refused_before_launch(overrides, message):
     from engine.errors import EngineError
     cfg = load_config(None, ["backend.colossal.plugin=hybrid", *overrides], backend="colossal")
     with pytest.raises(EngineError, match=message):
-        ColossalBackend.preflight(cfg)
+        ColossalBackend.preflight(cfg.training_spec(), cfg.backend_options())
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
 
 def test_no_weight_decay_on_biases_and_norms(tiny_gpt2):
     from transformers import AutoModelForCausalLM
-    from engine.optim import param_groups
+    from backends.optim import param_groups
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from backends.base import Backend, OptimizerSpec, SchedulerSpec, StepInfo, register_backend
-from engine.errors import EngineError
+from backends.base import Backend, EngineError, SchedulerSpec, StepInfo, TrainingSpec, register_backend
+from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
+from backends.precision import AmpPrecision
 
 PLUGINS = ("torch_ddp", "low_level_zero", "gemini", "hybrid")
 INSTALL_HINT = ("ColossalAI is not installed; install it without its 2024-era pins: "
@@ -75,9 +76,13 @@ def _require_colossalai() -> None:
                           f"({INSTALL_HINT.split('; ', 1)[1]})") from None
 
 
-def _config_error(cfg, options: ColossalOptions) -> str | None:
+def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
     """What ColossalAI would refuse with an assert deep inside boost(), said up front."""
-    o, t = options, cfg.train
+    o, t = options, spec
+    if t.compile:
+        return ("train.compile is not supported by the colossal backend: ColossalAI's Booster wraps the model "
+                "in its own wrapper (sharded modules, pipeline schedules, ZeRO hooks) that unwrap/save/no_sync "
+                "expect uncompiled; use --backend ddp or deepspeed for torch.compile")
     if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
         return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
                 "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
@@ -112,9 +117,9 @@ def _cpu_only_reason(options: ColossalOptions) -> str | None:
 class ColossalBackend(Backend):
 
     @classmethod
-    def preflight(cls, cfg) -> None:
+    def preflight(cls, spec: TrainingSpec, options: ColossalOptions) -> None:
         _require_colossalai()
-        reason = _config_error(cfg, cfg.backend_options("colossal"))
+        reason = _config_error(spec, options)
         if reason:
             raise EngineError(reason)
 
@@ -128,10 +133,10 @@ class ColossalBackend(Backend):
         import colossalai
         colossalai.launch_from_torch(verbose=False)  # the loop seeds every RNG itself afterwards
 
-    def __init__(self, cfg, options: ColossalOptions) -> None:
-        super().__init__(cfg, options)
+    def __init__(self, spec: TrainingSpec, options: ColossalOptions) -> None:
+        super().__init__(spec, options)
         _require_colossalai()
-        reason = _config_error(cfg, options)
+        reason = _config_error(spec, options)
         if reason:
             raise EngineError(reason)
         from backends.colossal import compat
@@ -141,15 +146,15 @@ class ColossalBackend(Backend):
                               "(torchrun), even for one process")
         from colossalai.booster import Booster
         self.plugin = self._make_plugin()
-        mixed = None
-        if options.plugin == "torch_ddp" and cfg.train.precision == "fp16":
-            mixed = "fp16"  # torch amp + GradScaler; bf16 runs under autocast (below)
-        self.booster = Booster(plugin=self.plugin, mixed_precision=mixed)
+        # torch_ddp steps a plain torch optimizer: torch.amp as under the DDP backend (autocast, and
+        # GradScaler for fp16); the other plugins run their own mixed precision
+        self.amp = AmpPrecision(spec.precision if options.plugin == "torch_ddp" else "fp32", self.device)
+        self.booster = Booster(plugin=self.plugin)
         self.pipelined = options.plugin == "hybrid" and options.pp_size > 1
 
     # -- plugin -----------------------------------------------------------------------------
     def _make_plugin(self):
-        o, t = self.options, self.cfg.train
+        o, t = self.options, self.spec
         precision = t.precision
         max_norm = float(t.max_grad_norm or 0.0)
         if o.plugin == "torch_ddp":
@@ -181,9 +186,13 @@ class ColossalBackend(Backend):
             tp_size=o.tp_size, pp_size=o.pp_size, zero_stage=o.zero_stage, precision=precision,
             max_norm=max_norm, initial_scale=o.initial_scale, enable_all_optimization=False,
             enable_fused_normalization=False, enable_flash_attention=False, enable_jit_fused=False,
+            # attention stays transformers' own, which the GPT-2 policy keeps: it follows
+            # model.attn_implementation (sdpa by default: flash kernels on CUDA, or flash_attention_2).
+            # ColossalAI's fused normalization would swap in apex's LayerNorm; torch's own LayerNorm is
+            # already one fused CUDA kernel, and apex is not a dependency, so the policy keeps torch's.
             enable_sequence_parallelism=False, parallel_output=True,
             overlap_communication=torch.cuda.is_available(),  # ZeRO's comm stream needs CUDA (record_stream)
-            custom_policy=policy_for(self.cfg.task), **kwargs)
+            custom_policy=policy_for(self.spec.task), **kwargs)
 
     # -- data-parallel layout ----------------------------------------------------------------
     @property
@@ -203,8 +212,8 @@ class ColossalBackend(Backend):
         return self.plugin.dp_group if self.options.plugin == "hybrid" else None
 
     # -- set-up -----------------------------------------------------------------------------
-    def setup(self, build_model, optimizer: OptimizerSpec, scheduler: SchedulerSpec) -> None:
-        from engine.optim import adamw, build_scheduler
+    def setup(self, build_model, scheduler: SchedulerSpec) -> None:
+        optimizer = self.spec.optimizer
         self.build_model = build_model
         module = build_model()
         if self.options.plugin == "hybrid":
@@ -212,12 +221,10 @@ class ColossalBackend(Backend):
             check_model(module, self.options.tp_size)
         if self.options.plugin == "gemini":  # GeminiOptimizer accepts ColossalAI's Adam kernels only
             from colossalai.nn.optimizer import HybridAdam
-
-            from engine.optim import param_groups
             optim = HybridAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas,
                                eps=optimizer.eps, weight_decay=optimizer.weight_decay, adamw_mode=True)
         else:
-            optim = adamw(module, optimizer)
+            optim = adamw(module, optimizer, self.device)
         sched = build_scheduler(optim, scheduler)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(module, optim, lr_scheduler=sched)
         self.module = self.model.unwrap()
@@ -233,24 +240,19 @@ class ColossalBackend(Backend):
             with self._no_sync(sync_grads):
                 return self._pipeline_forward_backward(batch)
         with self._no_sync(sync_grads):
-            with self._autocast():
+            with self.amp.autocast():
                 loss = self.model(**batch).loss
-            self.booster.backward(loss / self.cfg.train.grad_accum, self.optimizer)
+            self.booster.backward(self.amp.scale(loss / self.spec.grad_accum), self.optimizer)
         return loss.detach()
 
-    def _autocast(self):
-        # plugins other than torch_ddp run their own mixed precision (fp16/bf16 working params)
-        return self.autocast() if self.options.plugin == "torch_ddp" and self.cfg.train.precision == "bf16" \
-            else nullcontext()
-
     def _pipeline_forward_backward(self, batch) -> torch.Tensor:
-        accum = self.cfg.train.grad_accum
+        accum = self.spec.grad_accum
         criterion = lambda outputs, inputs: outputs.loss / accum  # noqa: E731
         out = self.booster.execute_pipeline(iter([batch]), self.model, criterion, self.optimizer,
                                             return_loss=True, return_outputs=False)
         return self._from_last_stage(out["loss"] * accum if out["loss"] is not None else None)
 
-    def _from_last_stage(self, value: torch.Tensor | None, like: torch.Tensor | None = None) -> torch.Tensor:
+    def _from_last_stage(self, value: torch.Tensor | None) -> torch.Tensor:
         """Broadcast a tensor held by the last pipeline stage to every stage of this pipeline."""
         stage = self.plugin.stage_manager
         group = self.plugin.pp_group
@@ -268,23 +270,17 @@ class ColossalBackend(Backend):
         return value
 
     def step(self) -> StepInfo:
-        o, t = self.options, self.cfg.train
-        grad_norm = None
-        if o.plugin == "torch_ddp":
-            scaler = getattr(self.optimizer, "scaler", None)
-            if scaler is not None:
-                self.optimizer.unscale_grad()
-            max_norm = t.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-        fp16 = t.precision == "fp16"
-        steps_before = self._optimizer_steps() if fp16 else 0.0
-        self.optimizer.step()
-        # fp16 overflow: ColossalAI's scalers skip the update silently (and with hysteresis do not
-        # always lower the scale), so a skipped step is one where AdamW's step counters did not move
-        skipped = fp16 and self._optimizer_steps() == steps_before
-        if grad_norm is None:
-            norm = self.optimizer.get_grad_norm()
-            grad_norm = float(norm) if norm is not None else None
+        if self.options.plugin == "torch_ddp":  # a plain torch optimizer inside the Booster's wrapper
+            grad_norm, skipped = self.amp.clip_and_step(self.optimizer.optim, self.module.parameters(),
+                                                        self.spec.max_grad_norm)
+        else:
+            fp16 = self.spec.precision == "fp16"
+            steps_before = self._optimizer_steps() if fp16 else 0.0
+            self.optimizer.step()
+            # fp16 overflow: ColossalAI's scalers skip the update silently (and with hysteresis do not
+            # always lower the scale), so a skipped step is one where AdamW's step counters did not move
+            skipped = fp16 and self._optimizer_steps() == steps_before
+            grad_norm = self.optimizer.get_grad_norm()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -295,13 +291,11 @@ class ColossalBackend(Backend):
         return sum(float(state.get("step", 0)) for state in inner.state.values())
 
     @torch.no_grad()
-    def eval_forward(self, batch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+    def eval_forward(self, inputs) -> torch.Tensor:
         if self.pipelined:
             return self._pipeline_eval(inputs)
-        with self._autocast():
-            logits = self.model(**inputs).logits
-        return logits
+        with self.amp.autocast():
+            return self.model(**inputs).logits
 
     def _pipeline_eval(self, inputs) -> torch.Tensor:
         # forward-only pipeline: the schedule re-derives its micro-batch count from the eval batch;
@@ -371,7 +365,8 @@ class ColossalBackend(Backend):
     def describe(self) -> dict:
         o = self.options
         info = {"plugin": o.plugin,
-                "optimizer": "colossalai HybridAdam (AdamW)" if o.plugin == "gemini" else "torch.optim.AdamW"}
+                "optimizer": "colossalai HybridAdam (AdamW)" if o.plugin == "gemini" else
+                f"torch.optim.AdamW ({adamw_impl(self.spec.optimizer.impl, self.device)})"}
         if o.plugin == "low_level_zero":
             info["zero_stage"] = o.stage
         if o.plugin == "hybrid":

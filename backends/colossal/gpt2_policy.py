@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engine.errors import EngineError
+from backends.errors import EngineError
 
 
 def policy_for(task: str):

@@ -1,0 +1,7 @@
+"""The one exception type users see as a one-line message (the CLI exits non-zero with it).
+It lives at the bottom of the stack, beside the backends, so a backend can raise it without
+importing the engine; engine.errors re-exports it. Kept free of heavy imports (the CLI loads it first)."""
+
+
+class EngineError(Exception):
+    """Bad input or an impossible request: printed as `error: <message>`, no traceback."""
