@@ -19,7 +19,7 @@ from tests.helpers import run_engine
 # FLOPs
 # ------------------------------------------------------------------------------------------------
 def test_flops_per_token_gpt2_matches_hand_computation():
-    from engine.bench.flops import flops_per_token, param_counts
+    from engine.flops import flops_per_token, param_counts
 
     c = param_counts("gpt2")
     assert c.total == 124_439_808            # GPT-2 small, tied LM head counted once
@@ -106,8 +106,8 @@ def test_estimate_fits_verdict_flips_with_gpu_memory():
 # Backend specs
 # ------------------------------------------------------------------------------------------------
 def test_backend_specs_map_to_engine_options():
-    from engine.bench.estimate import estimate_key
-    from engine.bench.runner import parse_backend
+    from engine.estimate import estimate_key
+    from benchmarks.runner import parse_backend
 
     b = parse_backend("deepspeed:zero3+offload")
     assert (b.system, b.backend, b.options) == ("engine", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu",
@@ -163,7 +163,7 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
 
 
 def test_rounds_pool_measured_steps_and_drop_each_rounds_warmup():
-    from engine.bench.runner import RunSpec, merge_rounds, parse_backend, summarize
+    from benchmarks.runner import RunSpec, merge_rounds, parse_backend, summarize
 
     run = RunSpec(parse_backend("ddp"), "micro", 2, 0, 32, 2, steps=2, warmup=1, precision="fp32", timeout=60)
 

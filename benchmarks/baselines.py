@@ -11,7 +11,7 @@ same tokenized text as the engine's bench runs (the project's sample corpus and 
 loop does. Only the engine's data/model helpers that define *what* is trained are shared
 (corpus, tokenizer, architecture table), none of its training code.
 
-    torchrun --standalone --nproc-per-node N -m engine.bench.baselines SPEC.json RESULT.json
+    torchrun --standalone --nproc-per-node N -m benchmarks.baselines SPEC.json RESULT.json
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def blocks(seq: int) -> torch.Tensor:
 
 def build_model(spec: dict):
     from transformers import AutoModelForCausalLM
-    from engine.bench.flops import hf_config, parse_model
+    from engine.flops import hf_config, parse_model
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(hf_config(parse_model(spec["model"])), dtype=torch.float32)
     model.config.use_cache = False
@@ -198,5 +198,5 @@ def main(spec_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: torchrun ... -m engine.bench.baselines SPEC.json RESULT.json")
+        sys.exit("usage: torchrun ... -m benchmarks.baselines SPEC.json RESULT.json")
     main(sys.argv[1], sys.argv[2])

@@ -1,6 +1,6 @@
 """Markdown table + PNG chart + estimate-vs-measured from a directory of `engine bench` result JSONs.
 
-    python -m engine.bench.report benchmarks/results/cpu-2proc
+    python -m benchmarks.report benchmarks/results/cpu-2proc
 """
 from __future__ import annotations
 

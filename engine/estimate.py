@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from engine.bench.flops import param_counts, parse_model
+from engine.flops import param_counts, parse_model
 
 GiB = 2 ** 30
 FIT_FRACTION = 0.9
@@ -160,7 +160,7 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
 
 def estimate_key(spec: str) -> str | None:
     """The estimate row of a bench backend spec (deepspeed:zero2+offload, colossal:low_level_zero, ...)."""
-    from engine.bench.runner import parse_backend
+    from benchmarks.runner import parse_backend
     b = parse_backend(spec)
     if b.system != "engine":
         return "ddp"  # HF Trainer and the hand loop are plain DDP with torch AdamW

@@ -184,7 +184,7 @@ class RunSpec:
 
 
 def engine_config(run: RunSpec, output_dir: Path) -> dict:
-    from engine.bench.flops import parse_model
+    from engine.flops import parse_model
     from engine.config import BUILTIN_SAMPLE, apply_override
 
     arch = parse_model(run.model)
@@ -217,9 +217,18 @@ def _env(run: RunSpec) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "engine" / "torch_extensions"))
     if run.gpus == 0:  # what `engine launch` and torchrun do: share the cores between the processes
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // run.procs))
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the subprocesses import the same engine, backends and benchmarks as this process (a checkout
+    # on PYTHONPATH or an install): put the folders holding them first on their path
+    paths = list(dict.fromkeys(_package_roots() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+def _package_roots() -> list[str]:
+    import backends
+    import benchmarks
+    import engine
+    return list(dict.fromkeys(str(Path(m.__file__).resolve().parent.parent) for m in (engine, backends, benchmarks)))
 
 
 def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
@@ -244,14 +253,14 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
         cfg_path.write_text(json.dumps(cfg, indent=1))
         result_path = run_dir / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.procs),
-               "-m", "engine.bench.baselines", str(cfg_path), str(result_path)]
+               "-m", "benchmarks.baselines", str(cfg_path), str(result_path)]
         steps_file = run_dir / "steps.jsonl"
     log_path = run_dir / "log.txt"
     started = time.time()
     timed_out = False
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env(run),
-                                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+                                start_new_session=True)  # in the caller's folder, as relative --out/--work-dir mean
         while proc.poll() is None:
             if progress:
                 progress(_count_lines(steps_file, '"event": "train"' if run.backend.system == "engine" else ""),
@@ -346,8 +355,8 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
-    from engine.bench.estimate import estimate, estimate_key
-    from engine.bench.flops import device_peak_tflops, flops_per_token, param_counts
+    from engine.estimate import estimate, estimate_key
+    from engine.flops import device_peak_tflops, flops_per_token, param_counts
 
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.seq)
@@ -418,7 +427,7 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
                steps: int, warmup: int, precision: str, out: Path, work_dir: Path, timeout: int,
                repeat: int = 1, echo=print) -> list[dict]:
     parsed = [parse_backend(b) for b in backends]  # bad specs fail before anything runs
-    from engine.bench.flops import parse_model
+    from engine.flops import parse_model
     for m in models:
         parse_model(m)
     device = device_info(gpus)
@@ -464,7 +473,7 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
             results.append(result)
             if repeat > 1:
                 echo(f"{head}: all rounds: {one_line(result)}")
-    from engine.bench.report import write_report
+    from benchmarks.report import write_report
     paths = write_report(slug_dir)
     echo("report: " + ", ".join(str(p) for p in paths))
     return results
