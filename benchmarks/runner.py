@@ -40,9 +40,13 @@ class BenchBackend:
 
 
 def parse_backend(spec: str) -> BenchBackend:
-    """`ddp`, `deepspeed:zero{0,1,2,3}[+offload|+offload_opt]`, `colossal:{torch_ddp,low_level_zero,zero1,
-    zero2,gemini,hybrid}[+tp2][+pp2]`, `trainer`, `hand`; any may end in `+gc` (gradient checkpointing)
-    and `@KEY=VALUE[@KEY=VALUE]` (extra config overrides, e.g. `ddp@train.grad_accum=2`)."""
+    """`NAME[:VARIANT][+MODIFIER...]` for an engine backend, each backend parsing its own variant and
+    modifiers (`Backend.bench_options`: e.g. `ddp`, `deepspeed:zero{0,1,2,3}[+offload|+offload_opt]`,
+    `colossal:{torch_ddp,low_level_zero,zero1,zero2,gemini,hybrid}[+tp2][+pp2]`), or a baseline:
+    `trainer`, `hand`; any may end in `+gc` (gradient checkpointing) and `@KEY=VALUE[@KEY=VALUE]`
+    (extra config overrides, e.g. `ddp@train.grad_accum=2`)."""
+    from backends.base import backend_class, backend_names
+
     label = spec.strip()
     head, *extra = label.split("@")
     overrides = {}
@@ -61,44 +65,26 @@ def parse_backend(spec: str) -> BenchBackend:
             raise ValueError(f"backend spec {label!r}: baselines take only +gc and @KEY=VALUE")
         return BenchBackend(label, BASELINES[base], overrides=overrides)
     name, _, variant = base.partition(":")
-    options: dict = {}
-    if name == "ddp":
-        if variant or mods:
-            raise ValueError(f"backend spec {label!r}: ddp takes no variant")
-    elif name == "deepspeed":
-        m = re.fullmatch(r"zero([0-3])", variant or "zero2")
-        if not m:
-            raise ValueError(f"backend spec {label!r}: use deepspeed:zero0..zero3")
-        options["zero_stage"] = int(m.group(1))
-        for mod in mods:
-            if mod == "offload":  # optimizer to host; on ZeRO-3 also the parameters
-                options["offload_optimizer"] = "cpu"
-                if options["zero_stage"] == 3:
-                    options["offload_params"] = "cpu"
-            elif mod == "offload_opt":
-                options["offload_optimizer"] = "cpu"
-            else:
-                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
-    elif name == "colossal":
-        variant = variant or "torch_ddp"
-        if variant in ("zero1", "zero2"):
-            options.update(plugin="low_level_zero", stage=int(variant[-1]))
-        else:
-            options["plugin"] = variant
-        for mod in mods:
-            m = re.fullmatch(r"(tp|pp)(\d+)", mod)
-            if m:
-                options[f"{m.group(1)}_size"] = int(m.group(2))
-            elif mod.startswith("stage") and mod[5:].isdigit():
-                options["stage"] = int(mod[5:])
-            elif mod == "offload":
-                options["cpu_offload"] = True
-            else:
-                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
-    else:
-        raise ValueError(f"unknown backend spec {label!r}: ddp, deepspeed:zeroN[+offload], colossal:PLUGIN, "
-                         "trainer, hand")
+    if name not in backend_names():
+        forms = [backend_class(n).bench_spec_help or n for n in backend_names()] + ["trainer", "hand"]
+        raise ValueError(f"unknown backend spec {label!r}: " + ", ".join(forms))
+    try:
+        options = backend_class(name).bench_options(variant, mods)
+    except ValueError as e:
+        raise ValueError(f"backend spec {label!r}: {e}") from None
     return BenchBackend(label, "engine", name, options, overrides)
+
+
+def estimate_key(spec: str) -> str | None:
+    """The `engine estimate` row of a bench spec: the backend's own mapping (`Backend.estimate_key`);
+    the baselines (torch DDP with torch AdamW) take the replicated row."""
+    from backends.base import backend_class
+    from engine.estimate import replicated_row
+
+    b = parse_backend(spec)
+    if b.system != "engine":
+        return replicated_row().key
+    return backend_class(b.backend).estimate_key(b.options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +341,7 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
-    from engine.estimate import estimate, estimate_key
+    from engine.estimate import estimate
     from engine.flops import device_peak_tflops, flops_per_token, param_counts
 
     counts = param_counts(run.model)
