@@ -1,9 +1,13 @@
 """The reference points of `engine bench`, started by torchrun with the engine's process count:
 
   hf-trainer  transformers.Trainer, the tool the seed projects use (TrainingArguments: same micro-batch,
-              precision, steps, learning rate, grad clipping 1.0, adamw_torch, no saving/eval).
+              precision, steps, learning rate, grad clipping 1.0, no saving/eval). The optimizer is the
+              Trainer's own default (transformers 5 with torch >= 2.8: adamw_torch_fused, the fused
+              AdamW kernel), not forced, so the baseline is what a Trainer user gets; the result
+              JSON records which one it was (`optimizer`, from TrainingArguments.optim).
   hand-loop   the shortest correct PyTorch loop: DDP when >1 process, torch.optim.AdamW with its
-              defaults, autocast for bf16/fp16, clip_grad_norm_(1.0), DistributedSampler.
+              defaults (recorded as `optimizer`), autocast for bf16/fp16, clip_grad_norm_(1.0),
+              DistributedSampler.
 
 Both train the same architecture (random init from config, fp32 weights) on the same blocks of the
 same tokenized text as the engine's bench runs (the project's sample corpus and tokenizer, cut into
@@ -87,7 +91,8 @@ class StepLog:
             self.file.flush()
 
 
-def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, world: int) -> None:
+def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, world: int) -> str:
+    """Train; return the optimizer's name."""
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -130,9 +135,11 @@ def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepL
         value = loss.item()  # a sync, like the engine's loop
         sync(device)
         steps.add(time.perf_counter() - t0, value)
+    return "torch.optim.AdamW"
 
 
-def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, work_dir: Path) -> None:
+def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, work_dir: Path) -> str:
+    """Train; return the optimizer the Trainer chose (TrainingArguments.optim, its default)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
@@ -155,7 +162,7 @@ def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: Step
 
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=spec["micro_batch"], max_steps=spec["steps"],
-        learning_rate=spec["lr"], lr_scheduler_type="linear", optim="adamw_torch", max_grad_norm=spec["max_grad_norm"],
+        learning_rate=spec["lr"], lr_scheduler_type="linear", max_grad_norm=spec["max_grad_norm"],
         bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16", seed=spec["seed"],
         gradient_checkpointing=spec["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if spec["gradient_checkpointing"] else None,
@@ -164,6 +171,7 @@ def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: Step
         ddp_backend="gloo" if device.type == "cpu" and dist.is_available() else None)
     model = build_model({**spec, "gradient_checkpointing": False})  # Trainer enables it from args
     Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Timer()]).train()
+    return str(getattr(args.optim, "value", args.optim))  # an OptimizerNames member
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -181,16 +189,17 @@ def main(spec_path: str, result_path: str) -> None:
     log = StepLog(Path(result_path).parent / "steps.jsonl", spec["micro_batch"] * spec["seq"] * world,
                   spec["micro_batch"] * world, enabled=rank == 0)
     if spec["kind"] == "hand-loop":
-        hand_loop(spec, device, data, log, world)
+        optimizer = hand_loop(spec, device, data, log, world)
     else:
-        hf_trainer(spec, device, data, log, Path(result_path).parent / "trainer")
+        optimizer = hf_trainer(spec, device, data, log, Path(result_path).parent / "trainer")
     mine = memory_stats(device, rss_before)
     per_rank = [mine]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine)
     if rank == 0:
-        Path(result_path).write_text(json.dumps({"steps": log.steps, "memory_per_rank": per_rank}))
+        Path(result_path).write_text(json.dumps({"steps": log.steps, "memory_per_rank": per_rank,
+                                                 "optimizer": optimizer}))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -359,6 +359,8 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         "wall_s": raw["wall_s"], "device": device, "software": software_versions(),
         "config": raw.get("config"), "command": raw.get("command"),
     }
+    if raw.get("optimizer"):  # what a baseline reports it trained with (the Trainer picks its own)
+        result["optimizer"] = raw["optimizer"]
     if raw["outcome"] != "ok":
         result["log_tail"] = raw.get("log_tail", "")[-2000:]
     steps = [s for s in raw.get("steps", []) if s["step"] > run.warmup]

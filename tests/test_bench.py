@@ -219,6 +219,7 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
 
     hand = results["hand"]
     assert hand["outcome"] == "ok" and hand["system"] == "hand-loop" and hand["tokens_per_s"]["n"] == 2
+    assert hand["optimizer"] == "torch.optim.AdamW"
 
     md = (results_dir / "RESULTS.md").read_text()
     assert "| ddp | ok |" in md and "| ddp@train.precision=fp8 | error |" in md and "x hand" in md
