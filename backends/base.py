@@ -174,6 +174,45 @@ class Backend(ABC):
     def close(self) -> None:
         pass
 
+    # -- bench specs and memory-estimate rows (read by `engine bench` and `engine estimate`) ------
+    # A backend describes itself here so that the bench and the estimator never name a backend.
+    bench_spec_help: str = ""   # the bench spec forms, for error messages, e.g. "NAME:zeroN[+offload]"
+
+    @classmethod
+    def estimate_rows(cls) -> tuple[EstimateRow, ...]:
+        """The rows this backend adds to `engine estimate`, in table order. Default: none."""
+        return ()
+
+    @classmethod
+    def bench_options(cls, variant: str, modifiers: list[str]) -> dict:
+        """This backend's options (backend.<name>.*) for the bench spec NAME[:VARIANT][+MODIFIER...]
+        (`variant` is "" when absent). Raise ValueError naming what is accepted for an unknown
+        variant or modifier. Default: neither is accepted."""
+        if variant or modifiers:
+            raise ValueError("this backend takes no :variant or +modifier")
+        return {}
+
+    @classmethod
+    def estimate_key(cls, options: dict) -> str | None:
+        """The key of the `estimate_rows` row that models a run with `options` (as bench_options
+        returns them), or None when no row does."""
+        return None
+    # -- end of bench specs and memory-estimate rows --------------------------------------------
+
+
+@dataclass(frozen=True)
+class EstimateRow:
+    """One row of `engine estimate`: how a backend configuration holds its model states on each
+    rank, as data the estimator (engine/estimate.py) computes from without knowing backends."""
+    key: str                           # the row's name, e.g. "deepspeed:zero3+offload"
+    zero_stage: int | None             # 0-3: ZeRO partitioning; None: replicated (fp32 weights, grads, AdamW)
+    offload_optimizer: bool = False    # gradients and optimizer states in host memory
+    offload_params: bool = False       # the parameters too (ZeRO-3)
+    deepspeed_estimator: bool = False  # DeepSpeed's own estimator functions are the source (16-bit ZeRO-2/3)
+    grad_bucket: bool = False          # replicated: a gradient bucket copy for the all-reduce when N > 1
+    autocast_copy: bool = False        # replicated: autocast's 16-bit weight copies in bf16/fp16
+    listed: bool = True                # shown by `engine estimate`; False: only for bench runs mapped to it
+
 
 # --------------------------------------------------------------------------------------------
 # Registry

@@ -87,3 +87,17 @@ class DDPBackend(Backend):
     def describe(self) -> dict:
         return {"optimizer": f"torch.optim.AdamW ({adamw_impl(self.spec.optimizer.impl, self.device)})",
                 "wrapper": "DDP" if self.world_size > 1 else "none", "compiled": self.spec.compile}
+
+    # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
+    bench_spec_help = "ddp"
+
+    @classmethod
+    def estimate_rows(cls):
+        from backends.base import EstimateRow
+        # fp32 weights, grads and AdamW on every rank; DDP's gradient bucket; autocast's weight copies
+        return (EstimateRow("ddp", None, grad_bucket=True, autocast_copy=True),)
+
+    @classmethod
+    def estimate_key(cls, options: dict) -> str | None:
+        return "ddp"
+    # -- end of bench specs and memory-estimate rows --------------------------------------------

@@ -439,3 +439,46 @@ class DeepSpeedBackend(Backend):
             except Exception:  # older DeepSpeed: nothing to release
                 pass
             self.engine = None
+
+    # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
+    bench_spec_help = "deepspeed:zero{0,1,2,3}[+offload|+offload_opt]"
+
+    @classmethod
+    def bench_options(cls, variant: str, modifiers: list[str]) -> dict:
+        import re
+        m = re.fullmatch(r"zero([0-3])", variant or "zero2")
+        if not m:
+            raise ValueError("use deepspeed:zero0..zero3")
+        options: dict = {"zero_stage": int(m.group(1))}
+        for mod in modifiers:
+            if mod == "offload":  # optimizer to host; on ZeRO-3 also the parameters
+                options["offload_optimizer"] = "cpu"
+                if options["zero_stage"] == 3:
+                    options["offload_params"] = "cpu"
+            elif mod == "offload_opt":
+                options["offload_optimizer"] = "cpu"
+            else:
+                raise ValueError(f"unknown modifier +{mod} (deepspeed takes +offload, +offload_opt)")
+        return options
+
+    @classmethod
+    def estimate_rows(cls):
+        from backends.base import EstimateRow
+        row = lambda key, stage, **kw: EstimateRow(key, stage, deepspeed_estimator=True, **kw)
+        return (row("deepspeed:zero0", 0), row("deepspeed:zero1", 1), row("deepspeed:zero2", 2),
+                row("deepspeed:zero2+offload", 2, offload_optimizer=True), row("deepspeed:zero3", 3),
+                row("deepspeed:zero3+offload_opt", 3, offload_optimizer=True),
+                row("deepspeed:zero3+offload", 3, offload_optimizer=True, offload_params=True),
+                # not in the table; for bench runs of deepspeed:zero0/zero1+offload
+                row("deepspeed:zero0+offload", 0, offload_optimizer=True, listed=False),
+                row("deepspeed:zero1+offload", 1, offload_optimizer=True, listed=False))
+
+    @classmethod
+    def estimate_key(cls, options: dict) -> str | None:
+        key = f"deepspeed:zero{options.get('zero_stage', 2)}"
+        if options.get("offload_params") == "cpu":
+            return key + "+offload"
+        if options.get("offload_optimizer") == "cpu":
+            return key + ("+offload_opt" if key.endswith("zero3") else "+offload")
+        return key
+    # -- end of bench specs and memory-estimate rows --------------------------------------------

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 
@@ -31,9 +30,8 @@ def _allreduce_once() -> float:
 
 class Rank:
     def port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        from backends.host import free_port
+        return free_port("")
 
     def run(self, env: dict) -> float:
         os.environ.update(env)

@@ -198,7 +198,7 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
           timeout, repeat):
     """Throughput and memory of each backend x model, each a short real training run, beside the HF
     Trainer and a hand-written loop run the same way. Writes one JSON per run, RESULTS.md and chart.png."""
-    from engine.bench.runner import run_matrix
+    from benchmarks.runner import run_matrix
     if gpus is None:
         gpus = _gpu_count()
     if gpus > 0 and nproc is not None and nproc != gpus:
@@ -228,8 +228,8 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
-    from engine.bench import estimate as est
-    from engine.bench.flops import parse_model
+    from engine import estimate as est
+    from engine.flops import parse_model
     try:
         arch = parse_model(model)
         memory = est.parse_size(gpu_memory)

@@ -19,7 +19,7 @@ from tests.helpers import run_engine
 # FLOPs
 # ------------------------------------------------------------------------------------------------
 def test_flops_per_token_gpt2_matches_hand_computation():
-    from engine.bench.flops import flops_per_token, param_counts
+    from engine.flops import flops_per_token, param_counts
 
     c = param_counts("gpt2")
     assert c.total == 124_439_808            # GPT-2 small, tied LM head counted once
@@ -102,12 +102,74 @@ def test_estimate_fits_verdict_flips_with_gpu_memory():
     assert code == 2 and "unknown model" in bad
 
 
+# Every row as the estimator computed it before the rows moved into the backend classes (bytes:
+# source, params, grads, optim, buffers, act_full, act_ckpt, host_per_node; all fit 80 GiB).
+ROWS_GPT2_XL_8_BF16 = {
+    "ddp": ("formula", 6230444800, 6230444800, 12460889600, 9345667200, 3394353152, 1090762752, 0),
+    "deepspeed:zero0": ("formula", 3115222400, 9345667200, 18691334400, 0, 3394353152, 1090762752, 0),
+    "deepspeed:zero1": ("formula", 3115222400, 3894028000, 2336416800, 0, 3394353152, 1090762752, 0),
+    "deepspeed:zero2": ("deepspeed", 3115222400, 1168208400, 2336416800, 0, 3394353152, 1090762752, 74765337600),
+    "deepspeed:zero2+offload": ("deepspeed", 3115222400, 0, 0, 0, 3394353152, 1090762752, 74765337600),
+    "deepspeed:zero3": ("deepspeed", 389402800, 778805600, 2336416800, 321644800, 3394353152, 1090762752,
+                        3859737600),
+    "deepspeed:zero3+offload_opt": ("deepspeed", 389402800, 0, 0, 321644800, 3394353152, 1090762752, 37382668800),
+    "deepspeed:zero3+offload": ("deepspeed", 0, 0, 0, 321644800, 3394353152, 1090762752, 42055502400),
+    "colossal:torch_ddp": ("formula", 6230444800, 6230444800, 12460889600, 9345667200, 3394353152, 1090762752, 0),
+    "colossal:zero1": ("formula", 3115222400, 3894028000, 2336416800, 0, 3394353152, 1090762752, 0),
+    "colossal:zero2": ("formula", 3115222400, 1168208400, 2336416800, 0, 3394353152, 1090762752, 0),
+    "colossal:gemini": ("formula", 389402800, 778805600, 2336416800, 321644800, 3394353152, 1090762752, 0),
+}
+ROWS_GPT2_2_FP32 = {
+    "ddp": ("formula", 497759232, 497759232, 995518464, 497759232, 1240412160, 707211264, 0),
+    "deepspeed:zero0": ("formula", 497759232, 497759232, 995518464, 0, 1240412160, 707211264, 0),
+    "deepspeed:zero1": ("formula", 497759232, 497759232, 746638848, 0, 1240412160, 707211264, 0),
+    "deepspeed:zero2": ("formula", 497759232, 248879616, 746638848, 0, 1240412160, 707211264, 0),
+    "deepspeed:zero2+offload": ("formula", 497759232, 0, 0, 0, 1240412160, 707211264, 2986555392),
+    "deepspeed:zero3": ("formula", 248879616, 248879616, 746638848, 154389504, 1240412160, 707211264, 0),
+    "deepspeed:zero3+offload_opt": ("formula", 248879616, 0, 0, 154389504, 1240412160, 707211264, 2986555392),
+    "deepspeed:zero3+offload": ("formula", 0, 0, 0, 154389504, 1240412160, 707211264, 3733194240),
+    "colossal:torch_ddp": ("formula", 497759232, 497759232, 995518464, 497759232, 1240412160, 707211264, 0),
+    "colossal:zero1": ("formula", 497759232, 497759232, 746638848, 0, 1240412160, 707211264, 0),
+    "colossal:zero2": ("formula", 497759232, 248879616, 746638848, 0, 1240412160, 707211264, 0),
+    "colossal:gemini": ("formula", 248879616, 248879616, 746638848, 154389504, 1240412160, 707211264, 0),
+}
+
+
+@pytest.mark.parametrize("args, kwargs, expected", [(("gpt2-xl", 8), {}, ROWS_GPT2_XL_8_BF16),
+                                                    (("gpt2", 2), {"precision": "fp32"}, ROWS_GPT2_2_FP32)])
+def test_estimate_rows_from_the_backends_keep_every_figure(args, kwargs, expected):
+    from engine.estimate import estimate
+
+    rows = estimate(*args, **kwargs)
+    got = {e.backend: (e.source, e.params, e.grads, e.optim, e.buffers, e.act_full, e.act_ckpt, e.host_per_node)
+           for e in rows}
+    assert list(got) == list(expected)  # the same rows in the same order (registry order)
+    assert got == expected
+    assert all(e.fits_full and e.fits_ckpt for e in rows)
+
+
+def test_every_bench_spec_maps_to_a_declared_estimate_row():
+    from backends.base import backend_class, backend_names
+    from benchmarks.runner import estimate_key
+    from engine.estimate import estimate, estimate_rows
+
+    keys = {row.key for row in estimate_rows(listed_only=False)}
+    specs = ["ddp", "trainer", "hand+gc", "colossal:torch_ddp", "colossal:low_level_zero+stage2", "colossal:gemini",
+             *(f"deepspeed:zero{n}{mod}" for n in range(4) for mod in ("", "+offload", "+offload_opt"))]
+    for spec in specs:
+        assert estimate_key(spec) in keys, spec
+        estimate("micro", 2, rows=(estimate_key(spec),), precision="fp32")  # computable
+    assert estimate_key("colossal:hybrid+tp2") is None
+    assert all(backend_class(n).estimate_rows() for n in backend_names())  # every backend adds its rows
+    with pytest.raises(ValueError, match="no estimate row"):
+        estimate("micro", 2, rows=("nonesuch",))
+
+
 # ------------------------------------------------------------------------------------------------
 # Backend specs
 # ------------------------------------------------------------------------------------------------
 def test_backend_specs_map_to_engine_options():
-    from engine.bench.estimate import estimate_key
-    from engine.bench.runner import parse_backend
+    from benchmarks.runner import estimate_key, parse_backend
 
     b = parse_backend("deepspeed:zero3+offload")
     assert (b.system, b.backend, b.options) == ("engine", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu",
@@ -120,8 +182,11 @@ def test_backend_specs_map_to_engine_options():
     assert parse_backend("trainer").system == "hf-trainer" and parse_backend("hand").system == "hand-loop"
     assert estimate_key("deepspeed:zero3+offload") == "deepspeed:zero3+offload"
     assert estimate_key("colossal:low_level_zero") == "colossal:zero1"
-    with pytest.raises(ValueError):
-        parse_backend("deepspeed:zero4")
+    assert estimate_key("trainer") == "ddp"  # the baselines are plain torch DDP
+    for bad, why in (("deepspeed:zero4", "zero0..zero3"), ("ddp:x", "no :variant"), ("colossal:nope", "plugin"),
+                     ("deepspeed:zero2+nope", "unknown modifier"), ("nope", "unknown backend spec")):
+        with pytest.raises(ValueError, match=why):
+            parse_backend(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,6 +219,7 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
 
     hand = results["hand"]
     assert hand["outcome"] == "ok" and hand["system"] == "hand-loop" and hand["tokens_per_s"]["n"] == 2
+    assert hand["optimizer"] == "torch.optim.AdamW"
 
     md = (results_dir / "RESULTS.md").read_text()
     assert "| ddp | ok |" in md and "| ddp@train.precision=fp8 | error |" in md and "x hand" in md
@@ -163,7 +229,7 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
 
 
 def test_rounds_pool_measured_steps_and_drop_each_rounds_warmup():
-    from engine.bench.runner import RunSpec, merge_rounds, parse_backend, summarize
+    from benchmarks.runner import RunSpec, merge_rounds, parse_backend, summarize
 
     run = RunSpec(parse_backend("ddp"), "micro", 2, 0, 32, 2, steps=2, warmup=1, precision="fp32", timeout=60)
 

@@ -375,6 +375,48 @@ class ColossalBackend(Backend):
                 info["microbatches"] = o.num_microbatches
         return info
 
+    # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
+    bench_spec_help = "colossal:{torch_ddp,low_level_zero,zero1,zero2,gemini,hybrid}[+tpN][+ppN][+stageN][+offload]"
+
+    @classmethod
+    def bench_options(cls, variant: str, modifiers: list[str]) -> dict:
+        import re
+        variant = variant or "torch_ddp"
+        if variant in ("zero1", "zero2"):
+            options: dict = {"plugin": "low_level_zero", "stage": int(variant[-1])}
+        elif variant in PLUGINS:
+            options = {"plugin": variant}
+        else:
+            raise ValueError(f"unknown plugin {variant!r}; use colossal:{{{','.join(PLUGINS)},zero1,zero2}}")
+        for mod in modifiers:
+            m = re.fullmatch(r"(tp|pp)(\d+)", mod)
+            if m:
+                options[f"{m.group(1)}_size"] = int(m.group(2))
+            elif mod.startswith("stage") and mod[5:].isdigit():
+                options["stage"] = int(mod[5:])
+            elif mod == "offload":
+                options["cpu_offload"] = True
+            else:
+                raise ValueError(f"unknown modifier +{mod} (colossal takes +tpN, +ppN, +stageN, +offload)")
+        return options
+
+    @classmethod
+    def estimate_rows(cls):
+        from backends.base import EstimateRow
+        return (EstimateRow("colossal:torch_ddp", None, grad_bucket=True, autocast_copy=True),
+                EstimateRow("colossal:zero1", 1), EstimateRow("colossal:zero2", 2),
+                EstimateRow("colossal:gemini", 3))
+
+    @classmethod
+    def estimate_key(cls, options: dict) -> str | None:
+        plugin = options.get("plugin", "torch_ddp")
+        if plugin == "low_level_zero" and options.get("stage", 1) in (1, 2):
+            return f"colossal:zero{options.get('stage', 1)}"
+        if plugin in ("torch_ddp", "gemini"):
+            return f"colossal:{plugin}"
+        return None  # hybrid (TP/PP): no row
+    # -- end of bench specs and memory-estimate rows --------------------------------------------
+
 
 def _read_shards(folder: Path) -> dict:
     """Merge the torch .bin shards of a Booster sharded checkpoint (full tensors after gather)."""

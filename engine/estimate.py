@@ -1,6 +1,11 @@
 """Predicted memory per rank for every backend / ZeRO stage / offload, with and without gradient
 checkpointing, and whether it fits a given device.
 
+The rows come from the backends, in registry order: each backend class lists its own
+(`Backend.estimate_rows()`, `backends.base.EstimateRow`) as data: ZeRO stage (None = replicated),
+optimizer/parameter offload, whether DeepSpeed's estimator functions apply, and for replicated rows
+the all-reduce bucket and autocast weight copies. Nothing here names a backend.
+
 Sources, per row (the `source` field says which):
 - `deepspeed`: DeepSpeed's own estimators, `estimate_zero2_model_states_mem_needs` and
   `estimate_zero3_model_states_mem_needs` (what `estimate_zero{2,3}_model_states_mem_needs_all_live`
@@ -40,16 +45,17 @@ device memory (10% is left for the CUDA context, allocator fragmentation and wor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from engine.bench.flops import param_counts, parse_model
+from engine.flops import param_counts, parse_model
+
+if TYPE_CHECKING:
+    from backends.base import EstimateRow
 
 GiB = 2 ** 30
 FIT_FRACTION = 0.9
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor default for host memory
 
-ROWS = ("ddp", "deepspeed:zero0", "deepspeed:zero1", "deepspeed:zero2", "deepspeed:zero2+offload",
-        "deepspeed:zero3", "deepspeed:zero3+offload_opt", "deepspeed:zero3+offload",
-        "colossal:torch_ddp", "colossal:zero1", "colossal:zero2", "colossal:gemini")
 EAGER_ATTENTION = ("gpt_neo", "gptj")
 
 
@@ -111,8 +117,31 @@ def deepspeed_model_states(total: int, largest: int, gpus_per_node: int, nodes: 
     return gpu, cpu
 
 
+def estimate_rows(listed_only: bool = True) -> tuple[EstimateRow, ...]:
+    """Every backend's rows (`Backend.estimate_rows`), in registry order; `listed_only=False` adds
+    the rows kept out of the table (only bench runs are mapped to them)."""
+    from backends.base import backend_class, backend_names
+    return tuple(row for name in backend_names() for row in backend_class(name).estimate_rows()
+                 if row.listed or not listed_only)
+
+
+def replicated_row() -> EstimateRow:
+    """The first replicated row (fp32 weights, grads and AdamW on every rank): plain PyTorch DDP,
+    the row of the bench's HF Trainer and hand-loop baselines."""
+    return next(row for row in estimate_rows() if row.zero_stage is None)
+
+
 def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = None, micro_batch: int = 1,
-             precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=ROWS) -> list[Estimate]:
+             precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=None) -> list[Estimate]:
+    """One Estimate per row key in `rows` (default: every listed row); formulas in the module docstring."""
+    table = {row.key: row for row in estimate_rows(listed_only=False)}
+    if rows is None:
+        selected = [row for row in table.values() if row.listed]
+    else:
+        unknown = [key for key in rows if key not in table]
+        if unknown:
+            raise ValueError(f"no estimate row {', '.join(map(repr, unknown))}; rows: {', '.join(table)}")
+        selected = [table[key] for key in rows]
     counts = param_counts(model)
     arch = parse_model(model)
     seq = seq or arch.context
@@ -120,15 +149,13 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     half = precision != "fp32"
     act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision)
     out = []
-    for key in rows:
-        kind = key.split(":", 1)[1] if ":" in key else key
-        stage = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "gemini": 3}.get(kind.split("+")[0])
-        offload_opt = "+offload" in kind
-        offload_params = kind.endswith("+offload") and stage == 3
+    for row in selected:
+        stage = row.zero_stage
         host = 0
         source = "formula"
-        if stage is None:  # ddp, colossal:torch_ddp
-            p, g, o, buf = 4 * P, 4 * P, 8 * P, (4 * P if N > 1 else 0) + (2 * P if half else 0)
+        if stage is None:  # replicated
+            p, g, o = 4 * P, 4 * P, 8 * P
+            buf = (4 * P if row.grad_bucket and N > 1 else 0) + (2 * P if row.autocast_copy and half else 0)
         elif stage == 0:
             p, g, o, buf = (2 * P, 6 * P, 12 * P, 0) if half else (4 * P, 4 * P, 8 * P, 0)
         elif stage == 1:
@@ -138,49 +165,25 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
         else:
             pb = 2 if half else 4
             p, g, o, buf = pb * P // N, 4 * P // N, 12 * P // N, 4 * L
-        if offload_opt:
+        if row.offload_optimizer:
             host = int((g + o) * N / nodes * BUFFER_FACTOR)
             g, o = 0, 0
-            if offload_params:
+            if row.offload_params:
                 host += int(p * N / nodes * BUFFER_FACTOR)
                 p = 0
-        if half and key.startswith("deepspeed:") and stage in (2, 3):
+        if half and row.deepspeed_estimator and stage in (2, 3):
             # DeepSpeed's own figures; our split above sums to the same device total
-            gpu, host = deepspeed_model_states(P, L, gpus_per_node, nodes, stage, offload_opt, offload_params)
+            gpu, host = deepspeed_model_states(P, L, gpus_per_node, nodes, stage, row.offload_optimizer,
+                                               row.offload_params)
             source = "deepspeed"
             ours = p + g + o + buf
             if ours != gpu:  # keep DeepSpeed's total; put the difference into buffers
                 buf += gpu - ours
-        e = Estimate(key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
+        e = Estimate(row.key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
         e.fits_full = e.total_full <= FIT_FRACTION * gpu_memory
         e.fits_ckpt = e.total_ckpt <= FIT_FRACTION * gpu_memory
         out.append(e)
     return out
-
-
-def estimate_key(spec: str) -> str | None:
-    """The estimate row of a bench backend spec (deepspeed:zero2+offload, colossal:low_level_zero, ...)."""
-    from engine.bench.runner import parse_backend
-    b = parse_backend(spec)
-    if b.system != "engine":
-        return "ddp"  # HF Trainer and the hand loop are plain DDP with torch AdamW
-    if b.backend == "ddp":
-        return "ddp"
-    if b.backend == "deepspeed":
-        o = b.options
-        key = f"deepspeed:zero{o.get('zero_stage', 2)}"
-        if o.get("offload_params") == "cpu":
-            return key + "+offload"
-        if o.get("offload_optimizer") == "cpu":
-            return key + ("+offload_opt" if key.endswith("zero3") else "+offload")
-        return key
-    o = b.options
-    plugin = o.get("plugin", "torch_ddp")
-    if plugin == "low_level_zero":
-        return f"colossal:zero{o.get('stage', 1)}"
-    if plugin in ("torch_ddp", "gemini"):
-        return f"colossal:{plugin}"
-    return None
 
 
 def parse_size(text: str) -> float:

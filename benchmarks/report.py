@@ -1,6 +1,6 @@
 """Markdown table + PNG chart + estimate-vs-measured from a directory of `engine bench` result JSONs.
 
-    python -m engine.bench.report benchmarks/results/cpu-2proc
+    python -m benchmarks.report benchmarks/results/cpu-2proc
 """
 from __future__ import annotations
 
@@ -45,8 +45,17 @@ def _ratio(a: dict, b: dict | None) -> str:
 
 
 def _order(r: dict) -> tuple:
-    backend = {"ddp": 0, "deepspeed": 1, "colossal": 2}.get(r.get("backend") or "", 3)
+    """Engine runs first, backends in registry order, then the HF Trainer and the hand loop."""
+    from backends.base import backend_names
+    names = backend_names()
+    backend = names.index(r["backend"]) if r.get("backend") in names else len(names)
     return ({"engine": 0, "hf-trainer": 1, "hand-loop": 2}[r["system"]], backend, r["label"])
+
+
+def _reference(rows: list[dict], key: str) -> dict | None:
+    """The run the estimate-vs-measured deltas are taken against: the engine run whose spec is the
+    replicated estimate row's own name (plain DDP, no modifiers or overrides)."""
+    return next((r for r in rows if r["system"] == "engine" and r["label"] == key), None)
 
 
 def measured_peak_mb(r: dict) -> tuple[float | None, str]:
@@ -123,14 +132,17 @@ def markdown(results: list[dict]) -> str:
         est_rows = [r for r in rows if r["outcome"] == "ok" and r.get("estimate")]
         if est_rows:
             what = measured_peak_mb(est_rows[0])[1]
-            ref = next((r for r in est_rows if r["label"] == "ddp"), None)
+            from engine.estimate import replicated_row
+            refname = replicated_row().key
+            ref = _reference(est_rows, refname)
             ref_pred = _predicted_mb(ref) if ref else None
             ref_meas = measured_peak_mb(ref)[0] if ref else None
             lines += [f"Estimate vs measured (per rank; measured = {what}; estimate row = the `engine estimate` "
-                      "row used). The last two columns difference each run against ddp's, which cancels what "
-                      "every process pays whatever the backend (lazily imported code, allocator arenas):", "",
+                      f"row used). The last two columns difference each run against {refname}'s, which cancels "
+                      "what every process pays whatever the backend (lazily imported code, allocator arenas):", "",
                       "| run | estimate row | params+grads+optim+buffers MiB | activations MiB | offloaded (host) MiB "
-                      "| predicted MiB | measured MiB | measured / predicted | predicted - ddp | measured - ddp |",
+                      f"| predicted MiB | measured MiB | measured / predicted | predicted - {refname} "
+                      f"| measured - {refname} |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in est_rows:
                 e = r["estimate"]

@@ -40,9 +40,13 @@ class BenchBackend:
 
 
 def parse_backend(spec: str) -> BenchBackend:
-    """`ddp`, `deepspeed:zero{0,1,2,3}[+offload|+offload_opt]`, `colossal:{torch_ddp,low_level_zero,zero1,
-    zero2,gemini,hybrid}[+tp2][+pp2]`, `trainer`, `hand`; any may end in `+gc` (gradient checkpointing)
-    and `@KEY=VALUE[@KEY=VALUE]` (extra config overrides, e.g. `ddp@train.grad_accum=2`)."""
+    """`NAME[:VARIANT][+MODIFIER...]` for an engine backend, each backend parsing its own variant and
+    modifiers (`Backend.bench_options`: e.g. `ddp`, `deepspeed:zero{0,1,2,3}[+offload|+offload_opt]`,
+    `colossal:{torch_ddp,low_level_zero,zero1,zero2,gemini,hybrid}[+tp2][+pp2]`), or a baseline:
+    `trainer`, `hand`; any may end in `+gc` (gradient checkpointing) and `@KEY=VALUE[@KEY=VALUE]`
+    (extra config overrides, e.g. `ddp@train.grad_accum=2`)."""
+    from backends.base import backend_class, backend_names
+
     label = spec.strip()
     head, *extra = label.split("@")
     overrides = {}
@@ -61,44 +65,26 @@ def parse_backend(spec: str) -> BenchBackend:
             raise ValueError(f"backend spec {label!r}: baselines take only +gc and @KEY=VALUE")
         return BenchBackend(label, BASELINES[base], overrides=overrides)
     name, _, variant = base.partition(":")
-    options: dict = {}
-    if name == "ddp":
-        if variant or mods:
-            raise ValueError(f"backend spec {label!r}: ddp takes no variant")
-    elif name == "deepspeed":
-        m = re.fullmatch(r"zero([0-3])", variant or "zero2")
-        if not m:
-            raise ValueError(f"backend spec {label!r}: use deepspeed:zero0..zero3")
-        options["zero_stage"] = int(m.group(1))
-        for mod in mods:
-            if mod == "offload":  # optimizer to host; on ZeRO-3 also the parameters
-                options["offload_optimizer"] = "cpu"
-                if options["zero_stage"] == 3:
-                    options["offload_params"] = "cpu"
-            elif mod == "offload_opt":
-                options["offload_optimizer"] = "cpu"
-            else:
-                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
-    elif name == "colossal":
-        variant = variant or "torch_ddp"
-        if variant in ("zero1", "zero2"):
-            options.update(plugin="low_level_zero", stage=int(variant[-1]))
-        else:
-            options["plugin"] = variant
-        for mod in mods:
-            m = re.fullmatch(r"(tp|pp)(\d+)", mod)
-            if m:
-                options[f"{m.group(1)}_size"] = int(m.group(2))
-            elif mod.startswith("stage") and mod[5:].isdigit():
-                options["stage"] = int(mod[5:])
-            elif mod == "offload":
-                options["cpu_offload"] = True
-            else:
-                raise ValueError(f"backend spec {label!r}: unknown modifier +{mod}")
-    else:
-        raise ValueError(f"unknown backend spec {label!r}: ddp, deepspeed:zeroN[+offload], colossal:PLUGIN, "
-                         "trainer, hand")
+    if name not in backend_names():
+        forms = [backend_class(n).bench_spec_help or n for n in backend_names()] + ["trainer", "hand"]
+        raise ValueError(f"unknown backend spec {label!r}: " + ", ".join(forms))
+    try:
+        options = backend_class(name).bench_options(variant, mods)
+    except ValueError as e:
+        raise ValueError(f"backend spec {label!r}: {e}") from None
     return BenchBackend(label, "engine", name, options, overrides)
+
+
+def estimate_key(spec: str) -> str | None:
+    """The `engine estimate` row of a bench spec: the backend's own mapping (`Backend.estimate_key`);
+    the baselines (torch DDP with torch AdamW) take the replicated row."""
+    from backends.base import backend_class
+    from engine.estimate import replicated_row
+
+    b = parse_backend(spec)
+    if b.system != "engine":
+        return replicated_row().key
+    return backend_class(b.backend).estimate_key(b.options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +170,7 @@ class RunSpec:
 
 
 def engine_config(run: RunSpec, output_dir: Path) -> dict:
-    from engine.bench.flops import parse_model
+    from engine.flops import parse_model
     from engine.config import BUILTIN_SAMPLE, apply_override
 
     arch = parse_model(run.model)
@@ -217,9 +203,18 @@ def _env(run: RunSpec) -> dict:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "engine" / "torch_extensions"))
     if run.gpus == 0:  # what `engine launch` and torchrun do: share the cores between the processes
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // run.procs))
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # the subprocesses import the same engine, backends and benchmarks as this process (a checkout
+    # on PYTHONPATH or an install): put the folders holding them first on their path
+    paths = list(dict.fromkeys(_package_roots() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+def _package_roots() -> list[str]:
+    import backends
+    import benchmarks
+    import engine
+    return list(dict.fromkeys(str(Path(m.__file__).resolve().parent.parent) for m in (engine, backends, benchmarks)))
 
 
 def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
@@ -244,14 +239,14 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
         cfg_path.write_text(json.dumps(cfg, indent=1))
         result_path = run_dir / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.procs),
-               "-m", "engine.bench.baselines", str(cfg_path), str(result_path)]
+               "-m", "benchmarks.baselines", str(cfg_path), str(result_path)]
         steps_file = run_dir / "steps.jsonl"
     log_path = run_dir / "log.txt"
     started = time.time()
     timed_out = False
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env(run),
-                                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+                                start_new_session=True)  # in the caller's folder, as relative --out/--work-dir mean
         while proc.poll() is None:
             if progress:
                 progress(_count_lines(steps_file, '"event": "train"' if run.backend.system == "engine" else ""),
@@ -346,8 +341,8 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
-    from engine.bench.estimate import estimate, estimate_key
-    from engine.bench.flops import device_peak_tflops, flops_per_token, param_counts
+    from engine.estimate import estimate
+    from engine.flops import device_peak_tflops, flops_per_token, param_counts
 
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.seq)
@@ -364,6 +359,8 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         "wall_s": raw["wall_s"], "device": device, "software": software_versions(),
         "config": raw.get("config"), "command": raw.get("command"),
     }
+    if raw.get("optimizer"):  # what a baseline reports it trained with (the Trainer picks its own)
+        result["optimizer"] = raw["optimizer"]
     if raw["outcome"] != "ok":
         result["log_tail"] = raw.get("log_tail", "")[-2000:]
     steps = [s for s in raw.get("steps", []) if s["step"] > run.warmup]
@@ -418,7 +415,7 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
                steps: int, warmup: int, precision: str, out: Path, work_dir: Path, timeout: int,
                repeat: int = 1, echo=print) -> list[dict]:
     parsed = [parse_backend(b) for b in backends]  # bad specs fail before anything runs
-    from engine.bench.flops import parse_model
+    from engine.flops import parse_model
     for m in models:
         parse_model(m)
     device = device_info(gpus)
@@ -464,7 +461,7 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
             results.append(result)
             if repeat > 1:
                 echo(f"{head}: all rounds: {one_line(result)}")
-    from engine.bench.report import write_report
+    from benchmarks.report import write_report
     paths = write_report(slug_dir)
     echo("report: " + ", ".join(str(p) for p in paths))
     return results

@@ -1,29 +1,35 @@
 """The reference points of `engine bench`, started by torchrun with the engine's process count:
 
   hf-trainer  transformers.Trainer, the tool the seed projects use (TrainingArguments: same micro-batch,
-              precision, steps, learning rate, grad clipping 1.0, adamw_torch, no saving/eval).
+              precision, steps, learning rate, grad clipping 1.0, no saving/eval). The optimizer is the
+              Trainer's own default (transformers 5 with torch >= 2.8: adamw_torch_fused, the fused
+              AdamW kernel), not forced, so the baseline is what a Trainer user gets; the result
+              JSON records which one it was (`optimizer`, from TrainingArguments.optim).
   hand-loop   the shortest correct PyTorch loop: DDP when >1 process, torch.optim.AdamW with its
-              defaults, autocast for bf16/fp16, clip_grad_norm_(1.0), DistributedSampler.
+              defaults (recorded as `optimizer`), autocast for bf16/fp16, clip_grad_norm_(1.0),
+              DistributedSampler.
 
 Both train the same architecture (random init from config, fp32 weights) on the same blocks of the
 same tokenized text as the engine's bench runs (the project's sample corpus and tokenizer, cut into
 `seq`-token blocks), and time each optimizer step between device synchronisations, as the engine's
 loop does. Only the engine's data/model helpers that define *what* is trained are shared
-(corpus, tokenizer, architecture table), none of its training code.
+(corpus, tokenizer, architecture table) and the memory readers (backends.host), none of its
+training code.
 
-    torchrun --standalone --nproc-per-node N -m engine.bench.baselines SPEC.json RESULT.json
+    torchrun --standalone --nproc-per-node N -m benchmarks.baselines SPEC.json RESULT.json
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from backends.host import current_rss_mb, peak_memory_mb
 
 
 def blocks(seq: int) -> torch.Tensor:
@@ -39,7 +45,7 @@ def blocks(seq: int) -> torch.Tensor:
 
 def build_model(spec: dict):
     from transformers import AutoModelForCausalLM
-    from engine.bench.flops import hf_config, parse_model
+    from engine.flops import hf_config, parse_model
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(hf_config(parse_model(spec["model"])), dtype=torch.float32)
     model.config.use_cache = False
@@ -48,20 +54,10 @@ def build_model(spec: dict):
     return model
 
 
-def current_rss_mb() -> float | None:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def memory_stats(device: torch.device, rss_before: float | None) -> dict:
-    stats = {"host_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    stats = {k: round(v, 1) for k, v in peak_memory_mb(device).items()}  # the engine's own reader
     if rss_before is not None:
         stats["host_rss_before_setup_mb"] = round(rss_before, 1)
-    if device.type == "cuda":
-        stats["gpu_alloc_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        stats["gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return stats
 
 
@@ -87,7 +83,8 @@ class StepLog:
             self.file.flush()
 
 
-def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, world: int) -> None:
+def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, world: int) -> str:
+    """Train; return the optimizer's name."""
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -130,9 +127,11 @@ def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepL
         value = loss.item()  # a sync, like the engine's loop
         sync(device)
         steps.add(time.perf_counter() - t0, value)
+    return "torch.optim.AdamW"
 
 
-def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, work_dir: Path) -> None:
+def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: StepLog, work_dir: Path) -> str:
+    """Train; return the optimizer the Trainer chose (TrainingArguments.optim, its default)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
@@ -155,7 +154,7 @@ def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: Step
 
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=spec["micro_batch"], max_steps=spec["steps"],
-        learning_rate=spec["lr"], lr_scheduler_type="linear", optim="adamw_torch", max_grad_norm=spec["max_grad_norm"],
+        learning_rate=spec["lr"], lr_scheduler_type="linear", max_grad_norm=spec["max_grad_norm"],
         bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16", seed=spec["seed"],
         gradient_checkpointing=spec["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if spec["gradient_checkpointing"] else None,
@@ -164,6 +163,7 @@ def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: Step
         ddp_backend="gloo" if device.type == "cpu" and dist.is_available() else None)
     model = build_model({**spec, "gradient_checkpointing": False})  # Trainer enables it from args
     Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Timer()]).train()
+    return str(getattr(args.optim, "value", args.optim))  # an OptimizerNames member
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -181,16 +181,17 @@ def main(spec_path: str, result_path: str) -> None:
     log = StepLog(Path(result_path).parent / "steps.jsonl", spec["micro_batch"] * spec["seq"] * world,
                   spec["micro_batch"] * world, enabled=rank == 0)
     if spec["kind"] == "hand-loop":
-        hand_loop(spec, device, data, log, world)
+        optimizer = hand_loop(spec, device, data, log, world)
     else:
-        hf_trainer(spec, device, data, log, Path(result_path).parent / "trainer")
+        optimizer = hf_trainer(spec, device, data, log, Path(result_path).parent / "trainer")
     mine = memory_stats(device, rss_before)
     per_rank = [mine]
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine)
     if rank == 0:
-        Path(result_path).write_text(json.dumps({"steps": log.steps, "memory_per_rank": per_rank}))
+        Path(result_path).write_text(json.dumps({"steps": log.steps, "memory_per_rank": per_rank,
+                                                 "optimizer": optimizer}))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -198,5 +199,5 @@ def main(spec_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: torchrun ... -m engine.bench.baselines SPEC.json RESULT.json")
+        sys.exit("usage: torchrun ... -m benchmarks.baselines SPEC.json RESULT.json")
     main(sys.argv[1], sys.argv[2])
