@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine.data import read_rows, require_column
 from engine.errors import EngineError
-from engine.tasks import Collective, Task, TaskData, split_rows
+from engine.tasks.base import Collective, Task, TaskData, split_rows
 
 
 class CausalLMTask(Task):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from engine.data import read_rows, require_column, resolve_glue_file
 from engine.errors import EngineError
-from engine.tasks import Collective, Task, TaskData, split_rows
+from engine.tasks.base import Collective, Task, TaskData, split_rows
 from engine.tasks.glue import GLUE_TASKS, compute_metrics
 
 
