@@ -581,7 +581,7 @@ def collect_measured(slug_dir: Path) -> list[dict]:
                 if r.get("outcome") != "ok" or not m.get("gpu_alloc_mb"):
                     continue
                 gc = "+gc" in r["label"]
-                rows.append({"part": d["part"], "model": r["model"], "label": r["label"],
+                rows.append({"part": d["part"], "model": r["model"], "label": r["label"], "gpus": max(1, r.get("gpus") or 1),
                              "row": (r.get("estimate") or {}).get("row") or row_key(r["label"]), "gc": gc,
                              "seq": r["seq"], "micro_batch": r["micro_batch"], "precision": r["precision"],
                              "gpu_alloc_mb": m["gpu_alloc_mb"], "gpu_reserved_mb": m.get("gpu_reserved_mb"),
@@ -592,7 +592,7 @@ def collect_measured(slug_dir: Path) -> list[dict]:
                 m = r.get("memory") or {}
                 if r.get("role") != "main" or r.get("outcome") != "ok" or not m.get("gpu_alloc_mb"):
                     continue
-                rows.append({"part": d["part"], "model": d["model_spec"], "label": r["label"], "row": row_key(r["label"]),
+                rows.append({"part": d["part"], "model": d["model_spec"], "label": r["label"], "row": row_key(r["label"]), "gpus": 1,
                              "gc": False, "seq": d["seq"], "micro_batch": d["micro_batch"], "precision": d["precision"],
                              "gpu_alloc_mb": m["gpu_alloc_mb"], "gpu_reserved_mb": m.get("gpu_reserved_mb"),
                              "host_rss_mb": m.get("host_rss_mb"), "bench_predicted_mb": None})
@@ -607,9 +607,9 @@ def run_estimate(a, slug_dir: Path) -> dict:
     for extra in a.estimate_from:
         measured += collect_measured(Path(extra))
     for m in measured:
-        key = (m["model"], m["seq"], m["micro_batch"], m["precision"])
+        key = (m["model"], m["gpus"], m["seq"], m["micro_batch"], m["precision"])
         if key not in cache:
-            argv = [*ENGINE, "estimate", m["model"], "--gpus", "1", "--seq", str(m["seq"]), "--micro-batch",
+            argv = [*ENGINE, "estimate", m["model"], "--gpus", str(m["gpus"]), "--seq", str(m["seq"]), "--micro-batch",
                     str(m["micro_batch"]), "--precision", m["precision"], "--json"]
             r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             cache[key] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr.strip()[-300:], "rows": []}
