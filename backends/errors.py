@@ -5,3 +5,12 @@ importing the engine; engine.errors re-exports it. Kept free of heavy imports (t
 
 class EngineError(Exception):
     """Bad input or an impossible request: printed as `error: <message>`, no traceback."""
+
+
+class Interrupted(EngineError):
+    """The job was stopped by a signal after its workers wrote a checkpoint: printed as
+    `stopped: <message>`, exit code 128 + the signal number (as shells report it)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

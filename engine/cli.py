@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from engine.errors import EngineError
+from engine.errors import EngineError, Interrupted
 
 
 def _split_config_and_overrides(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
@@ -36,8 +36,8 @@ class EngineGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EngineError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            click.echo(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", err=True)
+            sys.exit(getattr(e, "exit_code", 2))
 
 
 @click.group(cls=EngineGroup)
@@ -112,16 +112,21 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
     cfg = resolve_job(config, overrides, backend)
     cfg_dict = cfg.to_dict()
-    if launcher == "ray":
-        from launch.ray_launcher import launch as ray_launch
-        ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
-                   max_restarts=max_restarts, resource_timeout=rdzv_timeout)
-        return
-    from launch.torchrun import launch as torchrun_launch
-    threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
-    torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                    master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads,
-                    rdzv_timeout=rdzv_timeout)
+    from contextlib import nullcontext
+
+    from engine.runlock import RunLock
+    # one live job per run directory: node 0's launcher holds the lock (the other nodes share the directory)
+    with RunLock(Path(cfg.output_dir)) if node_rank == 0 else nullcontext():
+        if launcher == "ray":
+            from launch.ray_launcher import launch as ray_launch
+            ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
+                       max_restarts=max_restarts, resource_timeout=rdzv_timeout)
+            return
+        from launch.torchrun import launch as torchrun_launch
+        threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
+        torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                        master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads,
+                        rdzv_timeout=rdzv_timeout)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

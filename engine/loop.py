@@ -24,6 +24,7 @@ from engine.checkpoint import (RunState, barrier, latest_checkpoint, load_checkp
 from engine.config import Config
 from engine.errors import EngineError
 from engine.metrics import MetricsLog, Progress, log
+from engine.preemption import Preemption, signal_name
 from engine.tasks import Collective, Task, TaskData
 
 
@@ -93,6 +94,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
 
     window = Window(backend.device)
+    preemption = Preemption()
     last_saved, finished, last_loss = state.step, True, None
     while state.step < plan.total_steps:
         started = time.perf_counter()
@@ -113,8 +115,15 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         if t.stop_at_step and t.stop_at_step <= state.step < plan.total_steps:
             finished = False
             break
+        if preemption.requested() and state.step < plan.total_steps:
+            finished = False
+            break
     progress.close()
-    return _finish(run, tokenizer, finished, last_saved, rss_before_setup)
+    interrupted_by = preemption.requested()
+    try:  # a second signal while the checkpoint is written changes nothing
+        return _finish(run, tokenizer, finished, last_saved, rss_before_setup, interrupted_by)
+    finally:
+        preemption.close()
 
 
 def _resume(backend: Backend, output_dir: Path, plan: Plan) -> tuple[RunState, Path | None]:
@@ -185,12 +194,13 @@ def _number(value):
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
-def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_setup: float | None) -> dict:
+def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_setup: float | None,
+            interrupted_by: int = 0) -> dict:
     backend, state, t = run.backend, run.state, run.cfg.train
     _write_rank_memory(run, rss_before_setup)
-    if state.step != last_saved and t.save_final:
+    if state.step != last_saved and (t.save_final or interrupted_by):
         save_checkpoint(backend, run.output_dir, state, t.keep_last)
-    result = {"step": state.step, "finished": finished}
+    result = {"step": state.step, "finished": finished, "interrupted_by": 0 if finished else interrupted_by}
     if finished:
         result.update(_evaluate(run))
         export_dir = run.output_dir / "model"
@@ -202,6 +212,9 @@ def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_set
             write_run_status(run.output_dir, "finished", step=state.step, total_steps=run.plan.total_steps)
             log(f"finished: model saved to {export_dir}" if t.save_final else "finished (train.save_final=false: "
                 "no final checkpoint or model export)")
+    elif backend.is_main and result["interrupted_by"]:
+        log(f"stopped at step {state.step} of {run.plan.total_steps} on {signal_name(interrupted_by)}: checkpoint "
+            f"{run.output_dir / 'checkpoints' / f'step-{state.step}'} written; relaunch the same command to resume")
     elif backend.is_main:
         log(f"stopped at step {state.step} (train.stop_at_step); relaunch with the same output_dir to resume")
     barrier()

@@ -108,9 +108,12 @@ def _diff_keys(a, b, prefix="") -> list[str]:
 
 
 def run_and_exit(cfg_dict: dict) -> None:
-    """Entry for launched processes: a bad-input error is one line on stderr and exit code 2."""
+    """Entry for launched processes: a bad-input error is one line on stderr and exit code 2; a run
+    stopped by SIGTERM/SIGINT (checkpoint written) exits 128 + the signal number, as shells do."""
     try:
-        run(cfg_dict)
+        result = run(cfg_dict)
+        if result.get("interrupted_by"):
+            sys.exit(128 + result["interrupted_by"])
     except EngineError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,15 +8,17 @@ Node ranks (and so global ranks) are assigned by the rendezvous; --node-rank 0 m
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 
-from engine.errors import EngineError
+from engine.errors import EngineError, Interrupted
 
 
 def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int, max_restarts: int = 0,
            threads_per_proc: int | None = None, rdzv_timeout: int = 900) -> None:
     from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -57,8 +59,14 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         raise EngineError(f"node {node_rank} could not join the rendezvous at {master_addr}:{master_port} within "
                           f"--rdzv-timeout {rdzv_timeout} s ({_first_line(e)}); is node 0 running with the same "
                           "--master-addr/--master-port, and is that port reachable from here?") from None
+    except SignalException as e:  # the agent forwarded it to the workers, which checkpointed and stopped
+        raise Interrupted(f"{signal.Signals(e.sigval).name} received: the workers finished their step and wrote a "
+                          f"checkpoint; relaunch the same command to resume", e.sigval) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT):  # a signal sent to the workers alone
+            raise Interrupted(f"rank {rank} stopped on {signal.Signals(failure.exitcode - 128).name} after writing "
+                              f"a checkpoint; relaunch the same command to resume", failure.exitcode - 128) from None
         if failure.exitcode == 2:  # the worker already printed the one-line reason
             raise EngineError(f"training stopped on rank {rank} (see the error above)") from None
         raise EngineError(f"worker rank {rank} failed with exit code {failure.exitcode}"
