@@ -211,33 +211,40 @@ def test_resume_is_exact(job):
         assert any("optim_states" in p.name for p in ckpt.iterdir())  # DeepSpeed's sharded native files
 
 
-def test_zero3_export_loads_in_plain_transformers(job):
-    """model/ of a ZeRO-3 run (and of the ZeRO-3 + param offload run) is a consolidated safetensors
-    folder: plain transformers gives the eval loss the engine logged."""
+def _eval_exported(run: Path, auto_class) -> dict:
+    """The run's own eval (same examples, same task metrics), computed on model/ loaded by plain
+    transformers in this process: equal to the logged eval only if the exported weights are the
+    trained ones."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import yaml
 
     from engine.config import config_from_dict
     from engine.tasks import Collective
     from engine.worker import prepare_run
 
+    assert (run / "model" / "model.safetensors").is_file()
+    model = auto_class.from_pretrained(run / "model").eval()
+    assert next(model.parameters()).dtype == torch.float32
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    task, _, data, _ = prepare_run(cfg)
+    state = task.eval_init()
+    with torch.no_grad():
+        for start in range(0, len(data.eval), 4):
+            idx = list(range(start, min(start + 4, len(data.eval))))
+            batch = task.collate([data.eval[i] for i in idx])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            task.eval_update(state, logits, batch, idx)
+    return task.eval_finish(state, Collective(lambda t: t, lambda o: [o]), torch.device("cpu"))
+
+
+def test_zero3_export_loads_in_plain_transformers(job):
+    """model/ of a ZeRO-3 run (and of the ZeRO-3 + param offload run) is a consolidated safetensors
+    folder: plain transformers gives the eval loss the engine logged."""
+    from transformers import AutoModelForCausalLM
+
     for label in ("zero3", "zero3+opt+param-cpu"):
         run = job["runs"][("clm-noclip-ga1", label)]
-        model_dir = run / "model"
-        assert (model_dir / "model.safetensors").is_file()
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        assert next(model.parameters()).dtype == torch.float32
-        cfg = config_from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
-        task, _, data, _ = prepare_run(cfg)
-        state = task.eval_init()
-        model.eval()
-        with torch.no_grad():
-            for start in range(0, len(data.eval), 4):
-                idx = list(range(start, min(start + 4, len(data.eval))))
-                batch = task.collate([data.eval[i] for i in idx])
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                task.eval_update(state, logits, batch, idx)
-        got = task.eval_finish(state, Collective(lambda t: t, lambda o: [o]), torch.device("cpu"))
+        got = _eval_exported(run, AutoModelForCausalLM)
         logged = metrics(run, "eval")[-1]
         assert got["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5), (label, got, logged)
 
@@ -250,9 +257,16 @@ def test_zero3_export_runs_in_a_pipeline(job):
 
 
 def test_classification_export_from_zero3(job):
+    """The ZeRO-3 classification export (transformer + score head, gathered from the partitions)
+    reproduces the run's logged eval: loss, accuracy and F1 on the same eval examples."""
     from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(job["runs"][("cls-clip-ga1", "zero3")] / "model")
-    assert model.config.num_labels == 2
+
+    run = job["runs"][("cls-clip-ga1", "zero3")]
+    got = _eval_exported(run, AutoModelForSequenceClassification)
+    logged = metrics(run, "eval")[-1]
+    assert got["eval_samples"] == logged["eval_samples"] == 7
+    assert got["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5), (got, logged)
+    assert (got["accuracy"], got["f1"]) == (logged["accuracy"], logged["f1"]), (got, logged)
 
 
 def test_describe_logs_optimizer_choice(job):
