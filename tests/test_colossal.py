@@ -18,8 +18,10 @@ Tolerances (absolute, on metrics.jsonl `loss`, 4 steps, lr 1e-3, clipping at 1.0
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.run_many import scenario_log
 from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
 
 pytest.importorskip("colossalai", reason="ColossalAI not installed (scripts/setup.sh installs it --no-deps)")
@@ -67,11 +70,13 @@ def _scenario(model: Path, out: Path, task: str, variant: str, *extra: str) -> d
 
 
 def _torchrun(scenarios: list[dict], path: Path, nproc: int = 2, timeout: int = 900) -> None:
+    """Run the scenarios in one torchrun job; its stderr is kept in PATH.log (see _startup)."""
     path.write_text(json.dumps(scenarios))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(REPO / "tests" / "drivers" / "run_many.py"), str(path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    path.with_suffix(".log").write_text(proc.stderr)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
 
@@ -107,14 +112,53 @@ def test_loss_parity_with_ddp(runs, task, variant, tol):
         assert (ours["accuracy"], ours["f1"]) == (ref["accuracy"], ref["f1"])
 
 
-def test_describe_and_data_parallel_layout(runs):
-    """With TP/PP the loop must shard data over the plugin's dp group (size 1 here), not the world."""
-    lines = (runs / "lm-tp2" / "metrics.jsonl").read_text().splitlines()
-    first = json.loads(lines[0])
-    assert first["event"] == "train" and first["samples_per_s"] > 0
-    for name in ("lm-tp2", "lm-pp2"):
-        train = metrics(runs / name)
-        assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+STARTUP = re.compile(r"\[engine\] backend (\w+) (\{.*\}) \| (\d+) data-parallel ranks \| global batch (\d+) \| ")
+
+
+def _startup_lines(root: Path, name: str, runs: int = 1) -> list[str]:
+    """The start-up line (backend, describe(), layout) of each of the scenario's runs, from the job log."""
+    logged = scenario_log((root / "scenarios.log").read_text(), root / name)
+    assert len(logged) == runs, f"{name}: {len(logged)} runs in the job log, expected {runs}"
+    lines = []
+    for log in logged:
+        found = [line for line in log if STARTUP.search(line)]
+        assert len(found) == 1, f"{name}: no single start-up line in\n" + "\n".join(log[-20:])
+        lines.append(found[0])
+    return lines
+
+
+def _startup(root: Path, name: str) -> tuple[str, dict, int, int]:
+    """(backend, describe(), data-parallel ranks, global batch) from the run's start-up log line."""
+    backend, info, dp, global_batch = STARTUP.search(_startup_lines(root, name)[0]).groups()
+    return backend, ast.literal_eval(info), int(dp), int(global_batch)
+
+
+# variant -> (describe() facts, data-parallel ranks). micro x accum x dp is 8 in every variant.
+LAYOUTS = {
+    "torch_ddp": ({"plugin": "torch_ddp"}, 2),
+    "zero1": ({"plugin": "low_level_zero", "zero_stage": 1}, 2),
+    "zero2": ({"plugin": "low_level_zero", "zero_stage": 2}, 2),
+    "tp2": ({"plugin": "hybrid", "tp_size": 2, "pp_size": 1, "zero_stage": 0, "dp_size": 1}, 1),
+    "pp2": ({"plugin": "hybrid", "tp_size": 1, "pp_size": 2, "zero_stage": 0, "dp_size": 1, "microbatches": 2}, 1),
+}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("variant", list(LAYOUTS))
+def test_describe_and_data_parallel_layout(runs, task, variant):
+    """describe() reports the plugin and its layout; with TP/PP the loop shards data over the
+    plugin's dp group (size 1 on 2 processes), not the world, so the global batch stays 8."""
+    facts, dp = LAYOUTS[variant]
+    backend, info, logged_dp, global_batch = _startup(runs, f"{task}-{variant}")
+    assert backend == "colossal"
+    assert info == {**facts, "optimizer": "torch.optim.AdamW"}
+    assert logged_dp == dp
+    micro = 8 if facts["plugin"] == "hybrid" else 4
+    assert global_batch == micro * 1 * dp == 8  # micro_batch_size x grad_accum x dp ranks
+    # the metrics agree: 64 training examples / global batch 8 = 8 steps per epoch
+    train = metrics(runs / f"{task}-{variant}")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert [r["epoch"] for r in train] == [s / 8 for s in range(1, STEPS + 1)]
 
 
 @pytest.mark.parametrize("variant,task", list(RESUMED.items()))
