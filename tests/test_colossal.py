@@ -164,6 +164,9 @@ def test_describe_and_data_parallel_layout(runs, task, variant):
 @pytest.mark.parametrize("variant,task", list(RESUMED.items()))
 def test_resume_is_exact(runs, variant, task):
     resumed = runs / f"{task}-{variant}-resumed"
+    # the relaunch really resumed (a fresh start into the same output_dir gives the same losses too)
+    first, second = _startup_lines(runs, resumed.name, runs=2)
+    assert "resumed from" not in first and second.endswith("| resumed from step-2"), (first, second)
     assert (resumed / "checkpoints").is_dir()
     assert losses(resumed) == losses(runs / f"{task}-{variant}")  # bit-identical
     assert metrics(resumed, "eval")[-1]["eval_loss"] == metrics(runs / f"{task}-{variant}", "eval")[-1]["eval_loss"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.run_many import scenario_log
 from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
@@ -205,6 +206,11 @@ def test_lr_schedule_and_eval_match_ddp(job):
 def test_resume_is_exact(job):
     for label in ("zero2", "zero3"):
         resumed = job["runs"][("resume", label)]
+        # the relaunch really resumed (a fresh start into the same output_dir gives the same losses too)
+        stopped, relaunched = scenario_log(job["log"], resumed)
+        assert any("stopped at step 2 (train.stop_at_step)" in line for line in stopped), (label, stopped[-20:])
+        start = [line for line in relaunched if line.startswith("[engine] backend deepspeed ")]
+        assert len(start) == 1 and start[0].endswith("| resumed from step-2"), (label, relaunched[-20:])
         assert losses(resumed) == losses(job["runs"][("clm-clip-ga2", label)]), label
         ckpt = resumed / "checkpoints" / "step-2" / "deepspeed"
         assert ckpt.is_dir(), sorted(p.name for p in (resumed / "checkpoints").iterdir())
