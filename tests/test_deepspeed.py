@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from drivers.run_many import scenario_log
-from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
+from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
 STEPS = 4
@@ -381,7 +381,7 @@ def test_conflicting_json_fails_through_the_cli_before_spawning(tiny_gpt2, tmp_p
             f"data.train={SHAKESPEARE}", "data.max_train_samples=16", "train.max_steps=2", "train.max_grad_norm=0",
             f"backend.deepspeed.config_file={path}", f"output_dir={cfg['output_dir']}"]
     proc = run_engine(args, check=False, timeout=300)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "gradient_clipping=1.0" in errors[0] and "train.max_grad_norm=0.0" in errors[0], proc.stderr
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    line = assert_one_error_line(proc.stderr, "error: ")
+    assert "gradient_clipping=1.0" in line and "train.max_grad_norm=0.0" in line, line
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
