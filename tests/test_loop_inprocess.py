@@ -15,9 +15,16 @@ def job(model, out, *extra):
                               f"output_dir={out}", *extra]).to_dict()
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tiny_gpt2, tmp_path):
+def test_gradient_checkpointing_gives_the_same_losses(tiny_gpt2, tmp_path, monkeypatch):
+    # equal losses alone would also hold if the option were ignored: count the checkpointed calls
+    import transformers.modeling_utils as modeling_utils
+    calls = []
+    checkpoint = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     run(job(tiny_gpt2, tmp_path / "plain"))
+    assert not calls
     run(job(tiny_gpt2, tmp_path / "ckpt", "train.gradient_checkpointing=true"))
+    assert len(calls) >= 4 * 2  # every step, both layers
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
 
 
