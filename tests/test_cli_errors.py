@@ -12,6 +12,8 @@ from engine.cli import main
 from engine.worker import oom_advice
 from helpers import MRPC, SHAKESPEARE
 
+pytestmark = pytest.mark.fast  # in-process only: the whole module is in the fast tier
+
 
 def launch(*args, gpus=0):
     # catch_exceptions=False: an exception the CLI did not turn into `error: ...` fails the test

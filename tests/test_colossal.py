@@ -249,6 +249,7 @@ def test_missing_colossalai_says_how_to_install(tmp_path, tiny_gpt2):
     assert "pip install --no-deps colossalai==0.5.0" in line
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("override,message", [
     ("backend.colossal.plugin=fsdp", "backend.colossal.plugin must be one of"),
     ("backend.colossal.stage=3", "backend.colossal.stage must be 1 or 2"),
@@ -262,6 +263,7 @@ def test_options_are_validated_with_the_key_named(override, message):
         load_config(None, [override], backend="colossal")
 
 
+@pytest.mark.fast
 def test_pp_with_zero2_is_refused():
     from engine.config import load_config
     from engine.errors import EngineError
@@ -270,6 +272,7 @@ def test_pp_with_zero2_is_refused():
                            "backend.colossal.zero_stage=2"], backend="colossal")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("overrides,message", [
     (["backend.colossal.zero_stage=1"], "zero_stage=1 needs train.precision=bf16 or fp16"),
     (["backend.colossal.pp_size=2", "backend.colossal.microbatches=3", "train.micro_batch_size=4"],
@@ -288,6 +291,7 @@ def test_hybrid_misconfigurations_are_refused_before_launch(overrides, message):
 # --------------------------------------------------------------------------------------------
 # compat.py: every patch's upstream gap must still exist, or the patch has outlived its reason
 # --------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_compat_gaps_still_exist():
     import inspect
 
@@ -329,6 +333,7 @@ def test_compat_gaps_still_exist():
                                    "checkpoint.tp_partition_dim", "hybrid.grad_norm_fused_qkv"}
 
 
+@pytest.mark.fast
 def test_stock_gpt2_policy_still_targets_transformers_4():
     """Why gpt2_policy.py exists: the stock pipeline forward calls APIs transformers 5 removed."""
     import inspect

@@ -318,6 +318,7 @@ def _cfg(tmp_path, ds: dict | None, **train):
     return cfg
 
 
+@pytest.mark.fast
 def test_auto_values_are_filled_from_the_engine_config(tmp_path):
     from backends.base import OptimizerSpec, SchedulerSpec
     from backends.deepspeed_zero import build_ds_config
@@ -330,12 +331,14 @@ def test_auto_values_are_filled_from_the_engine_config(tmp_path):
     assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds
 
 
+@pytest.mark.fast
 def test_clipping_is_never_left_to_deepspeeds_default(tmp_path):
     from backends.deepspeed_zero import build_ds_config
     cfg = _cfg(tmp_path, None, max_grad_norm=0.0)
     assert build_ds_config(cfg, cfg.backend_options(), 2, None)["gradient_clipping"] == 0.0
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ds, override, message", [
     ({"train_micro_batch_size_per_gpu": 16}, {}, "train_micro_batch_size_per_gpu=16 in backend.deepspeed.config_file "
                                                  "conflicts with train.micro_batch_size=2"),
@@ -358,6 +361,7 @@ def test_conflicting_json_values_are_errors(tmp_path, ds, override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.fast
 def test_option_validation_names_the_key():
     from backends.deepspeed_zero import DeepSpeedOptions
     from engine.errors import EngineError

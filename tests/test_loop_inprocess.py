@@ -37,6 +37,7 @@ def test_mixed_precision_trains_close_to_fp32(tiny_gpt2, tmp_path, precision):
     assert got == pytest.approx(ref, rel=2e-2)
 
 
+@pytest.mark.fast
 def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join('{"text": "%s"}\n' % ("word " * n) for n in range(1, 40)))
@@ -54,6 +55,7 @@ def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
     assert result["finished"] and "eval_loss" in result
 
 
+@pytest.mark.fast
 def test_no_weight_decay_on_biases_and_norms(tiny_gpt2):
     from transformers import AutoModelForCausalLM
     from engine.optim import param_groups
