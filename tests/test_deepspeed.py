@@ -276,9 +276,17 @@ def test_classification_export_from_zero3(job):
 
 
 def test_describe_logs_optimizer_choice(job):
-    log = job["log"]
-    assert "'zero_stage': 3, 'optimizer': 'DeepSpeedCPUAdam'" in log
-    assert "'zero_stage': 2, 'optimizer': 'torch.optim.AdamW'" in log
+    """Each run's start-up line names its stage and optimizer: DeepSpeed's CPU Adam exactly when the
+    optimizer is offloaded (a substring anywhere in the job log would not tell which run chose it)."""
+    for setting in SETTINGS:
+        for label, name, options in VARIANTS[1:]:
+            (logged,) = scenario_log(job["log"], job["runs"][(setting, label)])
+            start = [line for line in logged if line.startswith("[engine] backend deepspeed {")]
+            assert len(start) == 1, (setting, label, logged[-20:])
+            offloaded = options.get("offload_optimizer", "none") != "none"
+            want = (f"{{'zero_stage': {options['zero_stage']}, 'optimizer': "
+                    f"'{'DeepSpeedCPUAdam' if offloaded else 'torch.optim.AdamW'}', ")
+            assert start[0].startswith("[engine] backend deepspeed " + want), (setting, label, start[0])
 
 
 def test_bf16_zero3_trains_and_exports(job):
