@@ -54,3 +54,15 @@ def metrics(run_dir: Path, event: str = "train") -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir)]
+
+
+def assert_one_error_line(output: str, prefix: str) -> str:
+    """The one-line error promise for a real `engine` process: no traceback anywhere, exactly one
+    `error:` line and it is the last (log lines such as `new run in ...` may come before it), and
+    it starts with `prefix`. Returns the line."""
+    lines = output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert "Traceback" not in output, output[-4000:]
+    assert len(errors) == 1 and lines[-1] == errors[0], output[-4000:]
+    assert errors[0].startswith(prefix), errors[0]
+    return errors[0]

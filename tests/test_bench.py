@@ -18,6 +18,7 @@ from tests.helpers import run_engine
 # ------------------------------------------------------------------------------------------------
 # FLOPs
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_flops_per_token_gpt2_matches_hand_computation():
     from engine.flops import flops_per_token, param_counts
 
@@ -46,6 +47,7 @@ def _row(text: str, backend: str) -> list[str]:
     raise AssertionError(f"no row {backend!r} in:\n{text}")
 
 
+@pytest.mark.fast
 def test_estimate_gpt2_xl_agrees_with_deepspeed_estimators():
     from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
                                                estimate_zero3_model_states_mem_needs_all_cold)
@@ -89,6 +91,7 @@ def test_estimate_gpt2_xl_agrees_with_deepspeed_estimators():
         assert (row[host], row[states]) == ds[re.sub(r"\s+", "", options)], (backend, row, ds)
 
 
+@pytest.mark.fast
 def test_estimate_fits_verdict_flips_with_gpu_memory():
     big, code = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "80GB")
     assert code == 0, big
@@ -168,6 +171,7 @@ def test_every_bench_spec_maps_to_a_declared_estimate_row():
 # ------------------------------------------------------------------------------------------------
 # Backend specs
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_backend_specs_map_to_engine_options():
     from benchmarks.runner import estimate_key, parse_backend
 
@@ -228,6 +232,7 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
     assert "[1/3] micro ddp" in proc.stderr and "report:" in proc.stderr  # progress lines
 
 
+@pytest.mark.fast
 def test_rounds_pool_measured_steps_and_drop_each_rounds_warmup():
     from benchmarks.runner import RunSpec, merge_rounds, parse_backend, summarize
 

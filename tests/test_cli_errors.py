@@ -1,5 +1,6 @@
-"""Bad input through the real CLI (in-process with click's runner): one line, exit code 2,
-nothing written over existing outputs. All of these fail before any worker starts."""
+"""Bad input through the real CLI (in-process with click's runner): exit code 2 and stderr is one
+`error:` line and nothing else; nothing written over existing outputs. All of these fail before
+any worker starts."""
 import json
 import socket
 
@@ -11,10 +12,13 @@ from engine.cli import main
 from engine.worker import oom_advice
 from helpers import MRPC, SHAKESPEARE
 
+pytestmark = pytest.mark.fast  # in-process only: the whole module is in the fast tier
 
-def launch(*args):
-    result = CliRunner().invoke(main, ["launch", "--gpus", "0", *map(str, args)])
-    return result.exit_code, result.output.strip()
+
+def launch(*args, gpus=0):
+    # catch_exceptions=False: an exception the CLI did not turn into `error: ...` fails the test
+    # with its own traceback instead of becoming exit code 1 in `result`
+    return CliRunner().invoke(main, ["launch", "--gpus", str(gpus), *map(str, args)], catch_exceptions=False)
 
 
 @pytest.fixture
@@ -29,32 +33,37 @@ def csv_file(tmp_path, text, name="d.csv"):
     return path
 
 
-def assert_one_line_error(code, out, *fragments):
-    assert code == 2, out
-    assert out.startswith("error: ") and "\n" not in out.splitlines()[-1]
-    line = [l for l in out.splitlines() if l.startswith("error: ")][0]
+def assert_one_line_error(result, *fragments):
+    """The promise: exit code 2 and stderr is exactly one `error: ...` line (no traceback, no
+    log lines before it), nothing on stdout; the line names what was wrong."""
+    shown = f"exit {result.exit_code}\n--- stdout ---\n{result.stdout}--- stderr ---\n{result.stderr}"
+    assert result.exit_code == 2, shown
+    assert "Traceback" not in result.output, shown
+    assert result.stdout == "", shown
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), shown
     for f in fragments:
-        assert f in line, line
+        assert f in lines[0], shown
 
 
 def test_unknown_backend_and_task(clm):
-    assert_one_line_error(*launch(*clm, "--backend", "horovod"), "backend.name", "horovod")
-    assert_one_line_error(*launch(*clm, "task=translate"), "task must be one of")
+    assert_one_line_error(launch(*clm, "--backend", "horovod"), "backend.name", "horovod")
+    assert_one_line_error(launch(*clm, "task=translate"), "task must be one of")
 
 
 def test_unknown_key_did_you_mean(clm):
-    assert_one_line_error(*launch(*clm, "train.lr_rate=1"), "train.lr_rate", "did you mean 'lr'")
+    assert_one_line_error(launch(*clm, "train.lr_rate=1"), "train.lr_rate", "did you mean 'lr'")
 
 
 def test_missing_and_empty_data(clm, tmp_path):
-    assert_one_line_error(*launch(*clm, f"data.train={tmp_path / 'nope.txt'}"), "data.train", "not found")
+    assert_one_line_error(launch(*clm, f"data.train={tmp_path / 'nope.txt'}"), "data.train", "not found")
     empty = csv_file(tmp_path, "", "empty.txt")
-    assert_one_line_error(*launch(*clm, f"data.train={empty}"), "data.train", "no examples")
+    assert_one_line_error(launch(*clm, f"data.train={empty}"), "data.train", "no examples")
 
 
 def test_missing_text_column(clm, tmp_path):
     data = csv_file(tmp_path, "description\nhello there\n")
-    assert_one_line_error(*launch(*clm, f"data.train={data}"), "data.text_column='text'", "description")
+    assert_one_line_error(launch(*clm, f"data.train={data}"), "data.text_column='text'", "description")
 
 
 def test_csv_with_other_text_column_name_works(clm, tmp_path):
@@ -68,24 +77,23 @@ def test_csv_with_other_text_column_name_works(clm, tmp_path):
 def test_unreadable_encoding(clm, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    assert_one_line_error(*launch(*clm, f"data.train={bad}"), "data.train", "not UTF-8")
+    assert_one_line_error(launch(*clm, f"data.train={bad}"), "data.train", "not UTF-8")
 
 
 def test_classification_label_problems(tiny_gpt2, tmp_path):
     base = ["task=classification", f"model.name_or_path={tiny_gpt2}", f"output_dir={tmp_path / 'run'}"]
     no_label = csv_file(tmp_path, "text,stars\nnice,1\n", "a.csv")
-    assert_one_line_error(*launch(*base, f"data.train={no_label}"), "data.label_column='label'", "stars")
+    assert_one_line_error(launch(*base, f"data.train={no_label}"), "data.label_column='label'", "stars")
     words = csv_file(tmp_path, "text,label\nnice,positive\n", "b.csv")
-    assert_one_line_error(*launch(*base, f"data.train={words}"), "non-numeric label 'positive'", "row 1")
+    assert_one_line_error(launch(*base, f"data.train={words}"), "non-numeric label 'positive'", "row 1")
 
 
 def test_block_size_above_context(clm):
-    assert_one_line_error(*launch(*clm, "data.block_size=4096"), "data.block_size=4096", "context of 128")
+    assert_one_line_error(launch(*clm, "data.block_size=4096"), "data.block_size=4096", "context of 128")
 
 
 def test_more_gpus_than_present(clm):
-    result = CliRunner().invoke(main, ["launch", "--gpus", "8", *clm])
-    assert_one_line_error(result.exit_code, result.output.strip(), "--gpus 8", "0 GPU")
+    assert_one_line_error(launch(*clm, gpus=8), "--gpus 8", "0 GPU")
 
 
 def test_port_in_use(clm):
@@ -93,7 +101,7 @@ def test_port_in_use(clm):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert_one_line_error(*launch(*clm, "--master-port", port), f"--master-port {port}", "in use")
+        assert_one_line_error(launch(*clm, "--master-port", port), f"--master-port {port}", "in use")
 
 
 def test_finished_run_is_never_overwritten(clm, tmp_path):
@@ -102,7 +110,7 @@ def test_finished_run_is_never_overwritten(clm, tmp_path):
     (run / "run.json").write_text(json.dumps({"status": "finished"}))
     (run / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 1.0}\n')
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert_one_line_error(*launch(*clm), "already holds a finished run")
+    assert_one_line_error(launch(*clm), "already holds a finished run")
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 

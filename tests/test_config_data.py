@@ -13,6 +13,8 @@ from engine.metrics import Progress
 from engine.tasks.glue import GLUE_TASKS, compute_metrics
 from helpers import MRPC, SHAKESPEARE
 
+pytestmark = pytest.mark.fast  # in-process only: the whole module is in the fast tier
+
 
 def write_yaml(path, text):
     path.write_text(text)

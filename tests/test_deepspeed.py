@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
+from drivers.run_many import scenario_log
+from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
 STEPS = 4
@@ -206,39 +207,51 @@ def test_lr_schedule_and_eval_match_ddp(job):
 def test_resume_is_exact(job):
     for label in ("zero2", "zero3"):
         resumed = job["runs"][("resume", label)]
+        # the relaunch really resumed (a fresh start into the same output_dir gives the same losses too)
+        stopped, relaunched = scenario_log(job["log"], resumed)
+        assert any("stopped at step 2 (train.stop_at_step)" in line for line in stopped), (label, stopped[-20:])
+        start = [line for line in relaunched if line.startswith("[engine] backend deepspeed ")]
+        assert len(start) == 1 and start[0].endswith("| resumed from step-2"), (label, relaunched[-20:])
         assert losses(resumed) == losses(job["runs"][("clm-clip-ga2", label)]), label
         ckpt = resumed / "checkpoints" / "step-2" / "deepspeed"
         assert ckpt.is_dir(), sorted(p.name for p in (resumed / "checkpoints").iterdir())
         assert any("optim_states" in p.name for p in ckpt.iterdir())  # DeepSpeed's sharded native files
 
 
-def test_zero3_export_loads_in_plain_transformers(job):
-    """model/ of a ZeRO-3 run (and of the ZeRO-3 + param offload run) is a consolidated safetensors
-    folder: plain transformers gives the eval loss the engine logged."""
+def _eval_exported(run: Path, auto_class) -> dict:
+    """The run's own eval (same examples, same task metrics), computed on model/ loaded by plain
+    transformers in this process: equal to the logged eval only if the exported weights are the
+    trained ones."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import yaml
 
     from engine.config import config_from_dict
     from engine.tasks import Collective
     from engine.worker import prepare_run
 
+    assert (run / "model" / "model.safetensors").is_file()
+    model = auto_class.from_pretrained(run / "model").eval()
+    assert next(model.parameters()).dtype == torch.float32
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    task, _, data, _ = prepare_run(cfg)
+    state = task.eval_init()
+    with torch.no_grad():
+        for start in range(0, len(data.eval), 4):
+            idx = list(range(start, min(start + 4, len(data.eval))))
+            batch = task.collate([data.eval[i] for i in idx])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            task.eval_update(state, logits, batch, idx)
+    return task.eval_finish(state, Collective(lambda t: t, lambda o: [o]), torch.device("cpu"))
+
+
+def test_zero3_export_loads_in_plain_transformers(job):
+    """model/ of a ZeRO-3 run (and of the ZeRO-3 + param offload run) is a consolidated safetensors
+    folder: plain transformers gives the eval loss the engine logged."""
+    from transformers import AutoModelForCausalLM
+
     for label in ("zero3", "zero3+opt+param-cpu"):
         run = job["runs"][("clm-noclip-ga1", label)]
-        model_dir = run / "model"
-        assert (model_dir / "model.safetensors").is_file()
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        assert next(model.parameters()).dtype == torch.float32
-        cfg = config_from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text()))
-        task, _, data, _ = prepare_run(cfg)
-        state = task.eval_init()
-        model.eval()
-        with torch.no_grad():
-            for start in range(0, len(data.eval), 4):
-                idx = list(range(start, min(start + 4, len(data.eval))))
-                batch = task.collate([data.eval[i] for i in idx])
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                task.eval_update(state, logits, batch, idx)
-        got = task.eval_finish(state, Collective(lambda t: t, lambda o: [o]), torch.device("cpu"))
+        got = _eval_exported(run, AutoModelForCausalLM)
         logged = metrics(run, "eval")[-1]
         assert got["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5), (label, got, logged)
 
@@ -251,15 +264,30 @@ def test_zero3_export_runs_in_a_pipeline(job):
 
 
 def test_classification_export_from_zero3(job):
+    """The ZeRO-3 classification export (transformer + score head, gathered from the partitions)
+    reproduces the run's logged eval: loss, accuracy and F1 on the same eval examples."""
     from transformers import AutoModelForSequenceClassification
-    model = AutoModelForSequenceClassification.from_pretrained(job["runs"][("cls-clip-ga1", "zero3")] / "model")
-    assert model.config.num_labels == 2
+
+    run = job["runs"][("cls-clip-ga1", "zero3")]
+    got = _eval_exported(run, AutoModelForSequenceClassification)
+    logged = metrics(run, "eval")[-1]
+    assert got["eval_samples"] == logged["eval_samples"] == 7
+    assert got["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5), (got, logged)
+    assert (got["accuracy"], got["f1"]) == (logged["accuracy"], logged["f1"]), (got, logged)
 
 
 def test_describe_logs_optimizer_choice(job):
-    log = job["log"]
-    assert "'zero_stage': 3, 'optimizer': 'DeepSpeedCPUAdam'" in log
-    assert "'zero_stage': 2, 'optimizer': 'torch.optim.AdamW (for_loop)'" in log
+    """Each run's start-up line names its stage and optimizer: DeepSpeed's CPU Adam exactly when the
+    optimizer is offloaded (a substring anywhere in the job log would not tell which run chose it)."""
+    for setting in SETTINGS:
+        for label, name, options in VARIANTS[1:]:
+            (logged,) = scenario_log(job["log"], job["runs"][(setting, label)])
+            start = [line for line in logged if line.startswith("[engine] backend deepspeed {")]
+            assert len(start) == 1, (setting, label, logged[-20:])
+            offloaded = options.get("offload_optimizer", "none") != "none"
+            want = (f"{{'zero_stage': {options['zero_stage']}, 'optimizer': "
+                    f"'{'DeepSpeedCPUAdam' if offloaded else 'torch.optim.AdamW (for_loop)'}', ")
+            assert start[0].startswith("[engine] backend deepspeed " + want), (setting, label, start[0])
 
 
 def test_bf16_zero3_trains_and_exports(job):
@@ -299,6 +327,7 @@ def _cfg(tmp_path, ds: dict | None, **train):
     return cfg
 
 
+@pytest.mark.fast
 def test_auto_values_are_filled_from_the_engine_config(tmp_path):
     from backends.base import SchedulerSpec
     from backends.deepspeed_zero import build_ds_config
@@ -310,12 +339,14 @@ def test_auto_values_are_filled_from_the_engine_config(tmp_path):
     assert not ds["fp16"]["enabled"] and "optimizer" not in ds and "scheduler" not in ds
 
 
+@pytest.mark.fast
 def test_clipping_is_never_left_to_deepspeeds_default(tmp_path):
     from backends.deepspeed_zero import build_ds_config
     cfg = _cfg(tmp_path, None, max_grad_norm=0.0)
     assert build_ds_config(cfg.training_spec(), cfg.backend_options(), 2, None)["gradient_clipping"] == 0.0
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ds, override, message", [
     ({"train_micro_batch_size_per_gpu": 16}, {}, "train_micro_batch_size_per_gpu=16 in backend.deepspeed.config_file "
                                                  "conflicts with train.micro_batch_size=2"),
@@ -338,6 +369,7 @@ def test_conflicting_json_values_are_errors(tmp_path, ds, override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.fast
 def test_option_validation_names_the_key():
     from backends.deepspeed_zero import DeepSpeedOptions
     from engine.errors import EngineError
@@ -361,7 +393,7 @@ def test_conflicting_json_fails_through_the_cli_before_spawning(tiny_gpt2, tmp_p
             f"data.train={SHAKESPEARE}", "data.max_train_samples=16", "train.max_steps=2", "train.max_grad_norm=0",
             f"backend.deepspeed.config_file={path}", f"output_dir={cfg['output_dir']}"]
     proc = run_engine(args, check=False, timeout=300)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "gradient_clipping=1.0" in errors[0] and "train.max_grad_norm=0.0" in errors[0], proc.stderr
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    line = assert_one_error_line(proc.stderr, "error: ")
+    assert "gradient_clipping=1.0" in line and "train.max_grad_norm=0.0" in line, line
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

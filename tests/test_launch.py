@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ENGINE, REPO, SHAKESPEARE, losses
+from helpers import ENGINE, REPO, SHAKESPEARE, assert_one_error_line, losses
 
 STEPS, SAVE_EVERY, KILL_STEP = 8, 2, 4
 # one thread per process everywhere, so every layout computes with the same kernels
@@ -158,8 +158,8 @@ def test_node_that_never_joins_times_out_with_one_line(tiny_gpt2, tmp_path):
                         free_port(), "--rdzv-timeout", "5", *job(tiny_gpt2, tmp_path / "run")],
                        tmp_path / "log.txt").wait(timeout=300)
     assert code == 2, out[-4000:]
-    last = out.strip().splitlines()[-1]
-    assert last.startswith("error: not all 2 nodes joined the rendezvous") and "--node-rank" in last, last
+    line = assert_one_error_line(out, "error: not all 2 nodes joined the rendezvous")
+    assert "--node-rank" in line, line
     assert time.time() - started < 120
 
 
@@ -214,7 +214,7 @@ def test_ray_errors_are_one_line(tiny_gpt2, tmp_path):
     def one_line(args, env=None, python_prefix=None):
         code, out = Launch(args, tmp_path / "log.txt", env).wait(timeout=300)
         assert code == 2, out[-4000:]
-        return out.strip().splitlines()[-1]
+        return assert_one_error_line(out, "error: ")
 
     line = one_line(["--launcher", "ray", "--address", f"127.0.0.1:{free_port()}", "--gpus", "0", "--nproc", "2",
                      *job(tiny_gpt2, tmp_path / "a")])

@@ -15,9 +15,16 @@ def job(model, out, *extra):
                               f"output_dir={out}", *extra]).to_dict()
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tiny_gpt2, tmp_path):
+def test_gradient_checkpointing_gives_the_same_losses(tiny_gpt2, tmp_path, monkeypatch):
+    # equal losses alone would also hold if the option were ignored: count the checkpointed calls
+    import transformers.modeling_utils as modeling_utils
+    calls = []
+    checkpoint = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     run(job(tiny_gpt2, tmp_path / "plain"))
+    assert not calls
     run(job(tiny_gpt2, tmp_path / "ckpt", "train.gradient_checkpointing=true"))
+    assert len(calls) >= 4 * 2  # every step, both layers
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
 
 
@@ -30,6 +37,7 @@ def test_mixed_precision_trains_close_to_fp32(tiny_gpt2, tmp_path, precision):
     assert got == pytest.approx(ref, rel=2e-2)
 
 
+@pytest.mark.fast
 def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join('{"text": "%s"}\n' % ("word " * n) for n in range(1, 40)))
@@ -47,6 +55,7 @@ def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
     assert result["finished"] and "eval_loss" in result
 
 
+@pytest.mark.fast
 def test_no_weight_decay_on_biases_and_norms(tiny_gpt2):
     from transformers import AutoModelForCausalLM
     from backends.optim import param_groups

@@ -5,12 +5,32 @@ launch this once under torchrun (`python -m torch.distributed.run --nproc_per_no
 tests/drivers/run_many.py SCENARIOS.json`) instead of launching one job per scenario.
 SCENARIOS.json is a list of resolved config dicts (each with its own output_dir); each runs
 through the real per-rank entry point, engine.worker.run, on the same process group.
+
+Before each scenario rank 0 writes `[run_many] scenario OUTPUT_DIR` to stderr, so a test can
+find the log lines of one scenario in the job's stderr (see scenario_log below).
 """
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+MARKER = "[run_many] scenario "
+
+
+def scenario_log(job_stderr: str, output_dir) -> list[list[str]]:
+    """Rank 0's stderr lines of each run of the scenario(s) with this output_dir, in run order
+    (a stopped-and-resumed scenario has two)."""
+    runs, current = [], None
+    for line in job_stderr.splitlines():
+        if line.startswith(MARKER):
+            current = [] if line[len(MARKER):] == str(output_dir) else None
+            if current is not None:
+                runs.append(current)
+        elif current is not None:
+            current.append(line)
+    return runs
 
 
 def main() -> None:
@@ -23,6 +43,8 @@ def main() -> None:
     backend_class(scenarios[0].get("backend", {}).get("name", "ddp")).init_distributed()
     from engine.worker import run
     for cfg in scenarios:
+        if dist.get_rank() == 0:
+            print(f"{MARKER}{cfg['output_dir']}", file=sys.stderr, flush=True)
         run(cfg)
         dist.barrier()
     dist.destroy_process_group()
