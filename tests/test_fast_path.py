@@ -70,6 +70,7 @@ def test_attention_implementations_agree(tiny_gpt2, tmp_path):
     assert model_builder(cfg, conf, task.auto_model_class())().config._attn_implementation == "eager"
 
 
+@pytest.mark.fast
 def test_attention_and_optimizer_choices_are_checked_before_launch(tiny_gpt2):
     base = [f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32"]
     with pytest.raises(EngineError, match="train.adamw_impl must be one of auto, fused, foreach, for_loop"):
@@ -81,6 +82,7 @@ def test_attention_and_optimizer_choices_are_checked_before_launch(tiny_gpt2):
             prepare_run(load_config(None, base + ["model.attn_implementation=flash_attention_2"]))
 
 
+@pytest.mark.fast
 def test_compile_is_refused_where_the_backend_cannot(tiny_gpt2):
     pytest.importorskip("colossalai")
     from backends.base import backend_class

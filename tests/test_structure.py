@@ -2,9 +2,11 @@
 import cycle anywhere in the project's packages. Read from the source with `ast`, so lazy imports
 inside functions count too."""
 import ast
-from pathlib import Path
+import pytest
 
 from helpers import REPO
+
+pytestmark = pytest.mark.fast
 
 PACKAGES = ("engine", "backends", "launch", "benchmarks")
 
