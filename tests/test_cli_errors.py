@@ -46,6 +46,12 @@ def test_unknown_key_did_you_mean(clm):
     assert_one_line_error(*launch(*clm, "train.lr_rate=1"), "train.lr_rate", "did you mean 'lr'")
 
 
+def test_hf_trainer_name_says_the_engine_key(clm, tmp_path):
+    assert_one_line_error(*launch(*clm, "train.learning_rate=1e-4"),
+                          "unknown config key 'train.learning_rate': the HF Trainer's learning_rate is train.lr here")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_and_empty_data(clm, tmp_path):
     assert_one_line_error(*launch(*clm, f"data.train={tmp_path / 'nope.txt'}"), "data.train", "not found")
     empty = csv_file(tmp_path, "", "empty.txt")

@@ -131,3 +131,67 @@ def test_hub_dataset_path_through_datasets_load_dataset(tmp_path):
     assert [r["text"] for r in rows] == ["hello world", "bye now"]
     with pytest.raises(EngineError, match="could not load hub dataset 'no-such-org/no-such-dataset'"):
         _rows_from_hub("no-such-org/no-such-dataset", "data.train", "train", None)
+
+
+# -- names users bring from the HF Trainer ------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1e-4", "unknown config key 'train.learning_rate': the HF Trainer's learning_rate is train.lr here"),
+    ("learning_rate=1e-4", "unknown config key 'learning_rate': the HF Trainer's learning_rate is train.lr here"),
+    ("train.num_train_epochs=3", "the HF Trainer's num_train_epochs is train.epochs here"),
+    ("per_device_train_batch_size=8", "the HF Trainer's per_device_train_batch_size is train.micro_batch_size here"),
+    ("train.gradient_accumulation_steps=4", "the HF Trainer's gradient_accumulation_steps is train.grad_accum here"),
+    ("train.adam_epsilon=1e-6", "the HF Trainer's adam_epsilon is train.adam_eps here"),
+    ("train.lr_scheduler_type=cosine", "the HF Trainer's lr_scheduler_type is train.scheduler here"),
+    ("bf16=true", "unknown config key 'bf16': the HF Trainer's bf16 is train.precision=bf16 here"),
+    ("train.output_dir=x", "the HF Trainer's output_dir is output_dir here"),
+    ("model_name_or_path=gpt2", "the HF Trainer's model_name_or_path is model.name_or_path here"),
+    ("data.train_file=a.txt", "unknown config key 'data.train_file': the HF Trainer's train_file is data.train here"),
+    ("seed=1", "unknown config key 'seed': the HF Trainer's seed is train.seed here"),
+])
+def test_hf_trainer_names_say_the_engine_key(override, message):
+    with pytest.raises(EngineError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hf_trainer_names_in_a_yaml_file(tmp_path):
+    cfg_file = write_yaml(tmp_path / "c.yaml", "model: {name_or_path: x}\ndata: {train: a.txt}\n"
+                                                "train:\n  learning_rate: 2.0e-5\n  max_steps: 10\n")
+    with pytest.raises(EngineError) as err:
+        load_config(cfg_file)
+    assert str(err.value) == "unknown config key 'train.learning_rate': the HF Trainer's learning_rate is train.lr here"
+
+
+def test_warmup_steps_is_an_absolute_count():
+    cfg = load_config(None, ["train.warmup_steps=30", "train.max_steps=100"])
+    assert cfg.train.warmup_steps == 30 and cfg.train.warmup_ratio == 0.0  # the sample job's ratio gives way
+    assert cfg.train.warmup_for(100) == 30
+    ratio = load_config(None, ["train.warmup_ratio=0.25", "train.max_steps=100"]).train
+    assert ratio.warmup_steps == 0 and ratio.warmup_for(100) == 25  # 0 = the ratio, as before
+    with pytest.raises(EngineError, match=r"^train.warmup_steps=30 is more than the run's 20 steps$"):
+        cfg.train.warmup_for(20)  # epoch-based totals are checked when the run is planned
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.warmup_steps=10", "train.warmup_ratio=0.1"],
+     "set train.warmup_steps (10) or train.warmup_ratio (0.1), not both"),
+    (["train.warmup_steps=50", "train.max_steps=20"], "train.warmup_steps=50 is more than the run's 20 steps"),
+    (["train.warmup_steps=-1"], "train.warmup_steps must not be negative, got -1"),
+])
+def test_warmup_steps_errors(overrides, message, tmp_path):
+    cfg_file = write_yaml(tmp_path / "c.yaml", f"model: {{name_or_path: x}}\ndata: {{train: {SHAKESPEARE}}}\n")
+    with pytest.raises(EngineError) as err:
+        load_config(cfg_file, overrides)
+    assert str(err.value) == message
+
+
+def test_warmup_steps_drive_the_scheduler(tiny_gpt2, tmp_path):
+    """The loop's scheduler warms up over train.warmup_steps: linear, lr 0 -> peak over 2 steps."""
+    from engine.worker import run
+    from helpers import metrics
+    cfg = load_config(None, ["task=causal_lm", f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}",
+                             "data.block_size=32", "data.max_train_samples=32", "train.micro_batch_size=4",
+                             "train.max_steps=4", "train.lr=1e-3", "train.warmup_steps=2", "train.log_every=1",
+                             f"output_dir={tmp_path / 'run'}"])
+    run(cfg.to_dict())
+    assert [r["lr"] for r in metrics(tmp_path / "run")] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
