@@ -195,3 +195,92 @@ def test_warmup_steps_drive_the_scheduler(tiny_gpt2, tmp_path):
                              f"output_dir={tmp_path / 'run'}"])
     run(cfg.to_dict())
     assert [r["lr"] for r in metrics(tmp_path / "run")] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+# -- data.format and GLUE files whatever their extension -------------------------------------------
+@pytest.fixture
+def mrpc_dev_txt(tmp_path):
+    """GLUE's own MRPC distribution ships labelled splits as tab-separated .txt files."""
+    path = tmp_path / "msr_paraphrase_dev.txt"
+    path.write_bytes((MRPC / "dev.tsv").read_bytes())
+    return path
+
+
+def test_glue_task_reads_a_txt_file_as_glue_tsv(mrpc_dev_txt):
+    rows = read_rows(str(mrpc_dev_txt), "data.train", glue=True)
+    assert len(rows) == 408 and set(rows[0]) == {"Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"}
+    assert rows == read_rows(str(MRPC), "data.validation", split="validation")  # as the .tsv reads
+    assert set(read_rows(str(mrpc_dev_txt), "data.train")[0]) == {"text"}  # no GLUE task: plain text
+
+
+def test_glue_txt_file_trains_through_prepare_run(tiny_gpt2, mrpc_dev_txt):
+    from engine.worker import prepare_run
+    cfg = load_config(None, ["task=classification", f"model.name_or_path={tiny_gpt2}", f"data.train={mrpc_dev_txt}",
+                             f"data.validation={mrpc_dev_txt}", "data.glue_task=mrpc", "data.block_size=64"])
+    _, _, data, _ = prepare_run(cfg)
+    assert (len(data.train), len(data.eval), data.num_labels) == (408, 408, 2)
+
+
+def test_data_format_overrides_the_extension(tmp_path, mrpc_dev_txt):
+    assert len(read_rows(str(mrpc_dev_txt), "data.train", fmt="tsv")) == 408  # no GLUE task needed
+    csv_as_text = tmp_path / "notes.csv"
+    csv_as_text.write_text("a, b, c\nd, e\n")
+    assert [r["text"] for r in read_rows(str(csv_as_text), "data.train", fmt="text")] == ["a, b, c\n", "d, e\n"]
+    dat = tmp_path / "export.dat"
+    dat.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert [r["text"] for r in read_rows(str(dat), "data.train", fmt="jsonl")] == ["one", "two"]
+    with pytest.raises(EngineError) as err:
+        read_rows(str(dat), "data.train")
+    assert "unsupported file type '.dat'" in str(err.value) and "set data.format" in str(err.value)
+    with pytest.raises(EngineError, match="is a folder .* data.format=csv needs a file"):
+        read_rows(str(tmp_path), "data.train", fmt="csv")
+    with pytest.raises(EngineError, match="data.format must be one of auto, text, csv, tsv, jsonl, json; got 'xml'"):
+        load_config(None, ["data.format=xml"])
+
+
+def test_data_format_reaches_the_task(tiny_gpt2, mrpc_dev_txt):
+    """data.format=tsv for a classification file that is not GLUE: the columns are the user's."""
+    from engine.worker import prepare_run
+    cfg = load_config(None, ["task=classification", f"model.name_or_path={tiny_gpt2}", f"data.train={mrpc_dev_txt}",
+                             "data.format=tsv", "data.text_column='#1 String'", "data.text_pair_column='#2 String'",
+                             "data.label_column=Quality", "data.block_size=64"])
+    _, _, data, _ = prepare_run(cfg)
+    assert len(data.train) == 408 and data.num_labels == 2
+
+
+def tiny_gpt_neo_dir(root):
+    """A tiny GPT-Neo (random init, local + global attention) + the real GPT-2 tokenizer, as an HF folder."""
+    import torch
+    from transformers import GPT2Tokenizer, GPTNeoConfig, GPTNeoForCausalLM
+    from helpers import GPT2_TOKENIZER
+    path = root / "tiny-gpt-neo"
+    tok = GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER))
+    conf = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=128, hidden_size=32, num_layers=2, num_heads=2,
+                        attention_types=[[["global", "local"], 1]], window_size=16, intermediate_size=64,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_hf_trainer_gpt_neo_recipe_csv_description_column(tmp_path):
+    """The HF Trainer + GPT-Neo recipe: a CSV whose text is in `description`, through
+    data.text_column=description, trains a couple of steps in-process."""
+    from engine.worker import run
+    from helpers import metrics
+    model = tiny_gpt_neo_dir(tmp_path)
+    data = tmp_path / "products.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "description"])
+        for i in range(60):
+            w.writerow([f"item {i}", f"A sturdy, handy thing number {i}, with \"quotes\" and a comma."])
+    cfg = load_config(None, ["task=causal_lm", f"model.name_or_path={model}", f"data.train={data}",
+                             "data.text_column=description", "data.block_size=32", "train.micro_batch_size=4",
+                             "train.max_steps=2", "train.lr=1e-3", "train.log_every=1", f"output_dir={tmp_path / 'run'}"])
+    result = run(cfg.to_dict())
+    logged = metrics(tmp_path / "run")
+    assert result["finished"] and [r["step"] for r in logged] == [1, 2] and all(r["loss"] > 0 for r in logged)
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(tmp_path / "run" / "model").model_type == "gpt_neo"
