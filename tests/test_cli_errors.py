@@ -53,6 +53,15 @@ def test_hf_trainer_name_says_the_engine_key(clm, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_warmup_steps_beyond_an_epoch_based_run(clm, tmp_path):
+    """train.epochs sets the length: the most steps the run can have is known once the data is read
+    (64 examples / (micro 8 x accum 1) = 8 steps on one rank; more ranks only make it fewer)."""
+    assert_one_line_error(*launch(*clm, "data.max_train_samples=64", "data.block_size=32", "train.epochs=1",
+                                  "train.micro_batch_size=8", "train.warmup_steps=9"),
+                          "train.warmup_steps=9 is more than the run's 8 steps")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_and_empty_data(clm, tmp_path):
     assert_one_line_error(*launch(*clm, f"data.train={tmp_path / 'nope.txt'}"), "data.train", "not found")
     empty = csv_file(tmp_path, "", "empty.txt")
