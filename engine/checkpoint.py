@@ -72,16 +72,47 @@ def write_run_status(output_dir: Path, status: str, **extra) -> None:
 
 
 def check_output_dir(output_dir: Path) -> str:
-    """'new', 'resume' or raise: an existing finished run is never overwritten."""
+    """'new', 'resume' or raise: an existing finished run is never overwritten, and the directory
+    must be creatable and writable (probed, leaving nothing behind)."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EngineError(f"output_dir {output_dir} is an existing file, not a directory; choose another output_dir")
     if run_status(output_dir) == "finished":
         raise EngineError(f"output_dir {output_dir} already holds a finished run; "
                           "choose a new output_dir (or delete that one)")
-    if latest_checkpoint(output_dir) is not None:
-        return "resume"
-    if (output_dir / "model").exists():
+    mode = "resume" if latest_checkpoint(output_dir) is not None else "new"
+    if mode == "new" and (output_dir / "model").exists():
         raise EngineError(f"output_dir {output_dir} already holds a model/ folder; choose a new output_dir")
-    return "new"
+    _probe_writable(output_dir)
+    return mode
+
+
+def _probe_writable(output_dir: Path) -> None:
+    """Create output_dir (and missing parents) and a file in it, then remove all of it again: a
+    directory that cannot be made or written is one line now, not a traceback in every worker."""
+    missing, p = [], output_dir.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise EngineError(f"output_dir {output_dir} cannot be created: {p} is a file, not a directory")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe = output_dir / f".engine-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise EngineError(f"output_dir {output_dir} cannot be created or written: {e.strerror or e}{where}") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -59,7 +59,11 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     mode = check_output_dir(Path(cfg.output_dir))
-    prepare_run(cfg)
+    data = prepare_run(cfg)[2]
+    t = cfg.train
+    if t.warmup_steps and not t.max_steps:  # epoch-based: the most steps the run can have (one rank) is known now
+        import math
+        t.warmup_for(max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum)))))
     log(("resuming run in " if mode == "resume" else "new run in ") + cfg.output_dir)
     return cfg
 

@@ -25,6 +25,54 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
 BUILTIN_SAMPLE = "builtin:sample"  # the project's own generated corpus and tokenizer
+# data.format: how local files are read; auto = by extension (and GLUE TSV for a GLUE task's text files)
+DATA_FORMATS = ("auto", "text", "csv", "tsv", "jsonl", "json")
+
+# The HF Trainer's (TrainingArguments + run_clm/run_glue script) names users bring from their own
+# recipes -> the engine key that means the same. Used only to explain an unknown key.
+HF_TRAINER_NAMES = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "per_gpu_train_batch_size": "train.micro_batch_size",
+    "train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "weight_decay": "train.weight_decay",
+    "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2",
+    "adam_epsilon": "train.adam_eps",
+    "max_grad_norm": "train.max_grad_norm",
+    "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps",
+    "lr_scheduler_type": "train.scheduler",
+    "seed": "train.seed",
+    "bf16": "train.precision=bf16",
+    "fp16": "train.precision=fp16",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "torch_compile": "train.compile",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_last",
+    "logging_steps": "train.log_every",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "per_gpu_eval_batch_size": "train.eval_batch_size",
+    "output_dir": "output_dir",
+    "model_name_or_path": "model.name_or_path",
+    "config_overrides": "model.config",
+    "trust_remote_code": "model.trust_remote_code",
+    "tokenizer_name": "tokenizer",
+    "block_size": "data.block_size",
+    "max_seq_length": "data.block_size",
+    "train_file": "data.train",
+    "validation_file": "data.validation",
+    "dataset_name": "data.train",
+    "dataset_config_name": "data.hub_config",
+    "task_name": "data.glue_task",
+    "max_train_samples": "data.max_train_samples",
+    "max_eval_samples": "data.max_eval_samples",
+    "validation_split_percentage": "data.validation_split (a fraction: 5 % is 0.05)",
+}
 
 
 @dataclass
@@ -45,6 +93,7 @@ class DataConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     glue_task: str | None = None      # mrpc, sst2, rte, cola, qqp, mnli, qnli, stsb
+    format: str = "auto"              # auto (by extension) | text | csv | tsv (GLUE-style) | jsonl | json
     block_size: int = 128
     packing: bool = True              # causal LM: concatenate and cut into blocks (run_clm); else one row per example
     validation_split: float = 0.0     # hold out this fraction of train when no validation set is given
@@ -65,6 +114,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     adamw_impl: str = "auto"          # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop (deterministic)
     warmup_ratio: float = 0.0
+    warmup_steps: int = 0             # absolute warm-up steps (HF's warmup_steps); 0 = use warmup_ratio
     scheduler: str = "linear"
     max_grad_norm: float = 1.0        # 0 = no clipping
     seed: int = 42
@@ -78,6 +128,16 @@ class TrainConfig:
     log_every: int = 10
     stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
     save_final: bool = True           # false: no final checkpoint and no model export (benchmarks)
+
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Scheduler warm-up steps for a run of total_steps (warmup_steps if set, else the ratio)."""
+        if self.warmup_steps:
+            if self.warmup_steps > total_steps:
+                raise EngineError(f"train.warmup_steps={self.warmup_steps} is more than the run's "
+                                  f"{total_steps} steps")
+            return self.warmup_steps
+        return round(self.warmup_ratio * total_steps)
 
 
 @dataclass
@@ -162,6 +222,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
             raise EngineError(f"config file {p} must hold a mapping at the top level")
     if path is None and any(o.startswith(("model.name_or_path=", "data.train=")) for o in overrides):
         raw = {}  # overrides name the user's own model/data: the sample job's settings do not apply
+    if path is None and any(o.startswith("train.warmup_steps=") for o in overrides):
+        raw.get("train", {}).pop("warmup_ratio", None)  # the user's warm-up replaces the sample job's
     if backend is not None:
         raw.setdefault("backend", {})
         raw["backend"] = {**(raw["backend"] or {}), "name": backend}
@@ -169,7 +231,19 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
         apply_override(raw, item)
     cfg = config_from_dict(raw)
     validate(cfg)
+    _log_option_notes(cfg)
     return cfg
+
+
+def _log_option_notes(cfg: Config) -> None:
+    """One-line notes a backend's options leave (deprecated aliases), once per job: rank 0 only."""
+    import os
+    from engine.metrics import log
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for name in cfg.backend.options:
+        for note in getattr(cfg.backend_options(name), "notes", ()):
+            log(note)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -210,6 +284,13 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _hint(word: str, choices) -> str:
+    """An HF Trainer name says which engine key means it; anything else gets a did-you-mean."""
+    if word in HF_TRAINER_NAMES:
+        return f": the HF Trainer's {word} is {HF_TRAINER_NAMES[word]} here"
+    return _did_you_mean(word, choices)
+
+
 def _build(cls, data: Any, prefix: str):
     """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by dotted name."""
     if data is None:
@@ -222,7 +303,7 @@ def _build(cls, data: Any, prefix: str):
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise EngineError(f"unknown config key {dotted!r}{_did_you_mean(str(key), fields)}")
+            raise EngineError(f"unknown config key {dotted!r}{_hint(str(key), fields)}")
         kwargs[key] = _coerce(hints[key], value, dotted)
     return cls(**kwargs)
 
@@ -311,10 +392,18 @@ def validate(cfg: Config) -> None:
         raise EngineError(f"train.lr must be positive, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         raise EngineError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_steps < 0:
+        raise EngineError(f"train.warmup_steps must not be negative, got {t.warmup_steps}")
+    if t.warmup_steps and t.warmup_ratio:
+        raise EngineError(f"set train.warmup_steps ({t.warmup_steps}) or train.warmup_ratio ({t.warmup_ratio}), "
+                          "not both")
+    if t.warmup_steps and t.max_steps:
+        t.warmup_for(t.max_steps)  # more warm-up than steps: said now (epoch-based totals: when planned)
     if t.max_steps == 0 and t.epochs <= 0:
         raise EngineError("set train.max_steps or a positive train.epochs")
     if not 0 <= d.validation_split < 1:
         raise EngineError(f"data.validation_split must be in [0, 1), got {d.validation_split}")
+    _choice(d.format, DATA_FORMATS, "data.format")
     if d.glue_task is not None:
         _choice(d.glue_task, tuple(GLUE_TASKS), "data.glue_task")
         if cfg.task != "classification":

@@ -16,6 +16,9 @@ from engine.config import BUILTIN_SAMPLE
 from engine.errors import EngineError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
+# data.format -> reader; "auto" guesses from the extension
+SUFFIX_FORMATS = {**{s: "text" for s in TEXT_SUFFIXES}, ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
+                  ".json": "json"}
 
 
 def _read_text(path: Path, field: str) -> str:
@@ -75,9 +78,27 @@ def resolve_glue_file(source: str, split: str, dev_file: str) -> Path | None:
     return None
 
 
+def file_format(path: Path, field: str, fmt: str = "auto", glue: bool = False) -> str:
+    """How a local file is read: data.format when set, else its extension. With a GLUE task, a file
+    that is not .csv/.jsonl/.json is GLUE TSV whatever its extension (GLUE's own distribution ships
+    labelled MRPC splits as tab-separated .txt files)."""
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    guessed = SUFFIX_FORMATS.get(suffix)
+    if glue and guessed not in ("csv", "jsonl", "json"):
+        return "tsv"
+    if guessed is None:
+        raise EngineError(f"{field}: unsupported file type {suffix!r} ({path}); use .txt, .csv, .tsv, .jsonl or "
+                          ".json, or set data.format (text, csv, tsv, jsonl, json)")
+    return guessed
+
+
 def read_rows(source: str, field: str, *, split: str = "train", hub_config: str | None = None,
-              tsv_header: tuple[str, ...] | None = None, dev_file: str = "dev.tsv") -> list[dict]:
-    """Rows (dicts of column -> string) from a file, folder, hub dataset or the built-in sample."""
+              tsv_header: tuple[str, ...] | None = None, dev_file: str = "dev.tsv", fmt: str = "auto",
+              glue: bool = False) -> list[dict]:
+    """Rows (dicts of column -> string) from a file, folder, hub dataset or the built-in sample.
+    fmt is data.format (auto = by extension); glue: a GLUE task is set (its files are TSV)."""
     if source == BUILTIN_SAMPLE:
         from engine.sample import sample_corpus
         return [{"text": t} for t in sample_corpus()]
@@ -86,24 +107,23 @@ def read_rows(source: str, field: str, *, split: str = "train", hub_config: str 
     if glue_file is not None:
         path = glue_file
     if path.is_dir():
+        if fmt not in ("auto", "text"):
+            raise EngineError(f"{field}: {path} is a folder (read as .txt files); data.format={fmt} needs a file")
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
             raise EngineError(f"{field}: folder {path} holds no .txt files")
         rows = _rows_from_txt(files, field)
     elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in TEXT_SUFFIXES:
+        kind = file_format(path, field, fmt, glue)
+        if kind == "text":
             rows = _rows_from_txt([path], field)
-        elif suffix == ".csv":
+        elif kind == "csv":
             rows = _rows_from_csv(path, field)
-        elif suffix == ".tsv":
+        elif kind == "tsv":
             # GLUE TSVs carry unbalanced quotes: a quoting CSV parser merges or breaks rows
             rows = _rows_from_csv(path, field, "\t", csv.QUOTE_NONE, tsv_header)
-        elif suffix in (".jsonl", ".json"):
+        else:  # jsonl / json: one reader takes JSON lines and a JSON array
             rows = _rows_from_jsonl(path, field)
-        else:
-            raise EngineError(f"{field}: unsupported file type {suffix!r} ({path}); "
-                              "use .txt, .csv, .tsv, .jsonl or .json")
     elif _looks_local(source):
         raise EngineError(f"{field}: data file not found: {source}")
     else:

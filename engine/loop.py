@@ -82,7 +82,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
     rss_before_setup = current_rss_mb()
-    backend.setup(build_model, SchedulerSpec(t.scheduler, round(t.warmup_ratio * plan.total_steps), plan.total_steps))
+    backend.setup(build_model, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
     state, resumed_from = _resume(backend, output_dir, plan)
     if backend.is_main:
         write_run_status(output_dir, "running", step=state.step, total_steps=plan.total_steps)

@@ -16,7 +16,8 @@ from engine.errors import EngineError
 def prepare_run(cfg):
     """Everything that depends only on config and data (tokenizer, task data, model config).
     Shared by the launcher's preflight and by every rank, so bad input fails before spawning."""
-    from engine.modeling import check_attn_implementation, check_block_size, load_model_config, load_tokenizer
+    from engine.modeling import (check_attn_implementation, check_block_size, check_weights, load_model_config,
+                                 load_tokenizer)
     from engine.tasks import get_task
 
     task = get_task(cfg.task)
@@ -25,6 +26,7 @@ def prepare_run(cfg):
     conf = load_model_config(cfg, tokenizer, data.num_labels)
     check_block_size(cfg, conf)
     check_attn_implementation(cfg, conf, task.auto_model_class())
+    check_weights(cfg)  # a corrupt weights file: one line here, not a traceback in every worker
     return task, tokenizer, data, conf
 
 

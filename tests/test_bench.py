@@ -179,7 +179,7 @@ def test_backend_specs_map_to_engine_options():
     assert (b.system, b.backend, b.options) == ("engine", "deepspeed", {"zero_stage": 3, "offload_optimizer": "cpu",
                                                                        "offload_params": "cpu"})
     assert parse_backend("deepspeed:zero2+offload").options == {"zero_stage": 2, "offload_optimizer": "cpu"}
-    assert parse_backend("colossal:zero2").options == {"plugin": "low_level_zero", "stage": 2}
+    assert parse_backend("colossal:zero2").options == {"plugin": "low_level_zero", "zero_stage": 2}
     assert parse_backend("colossal:hybrid+tp2+pp2").options == {"plugin": "hybrid", "tp_size": 2, "pp_size": 2}
     g = parse_backend("ddp+gc@train.grad_accum=2")
     assert g.overrides == {"train.gradient_checkpointing": True, "train.grad_accum": 2}

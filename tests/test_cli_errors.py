@@ -2,6 +2,7 @@
 `error:` line and nothing else; nothing written over existing outputs. All of these fail before
 any worker starts."""
 import json
+import os
 import socket
 
 import pytest
@@ -53,6 +54,21 @@ def test_unknown_backend_and_task(clm):
 
 def test_unknown_key_did_you_mean(clm):
     assert_one_line_error(launch(*clm, "train.lr_rate=1"), "train.lr_rate", "did you mean 'lr'")
+
+
+def test_hf_trainer_name_says_the_engine_key(clm, tmp_path):
+    assert_one_line_error(launch(*clm, "train.learning_rate=1e-4"),
+                          "unknown config key 'train.learning_rate': the HF Trainer's learning_rate is train.lr here")
+    assert not (tmp_path / "run").exists()
+
+
+def test_warmup_steps_beyond_an_epoch_based_run(clm, tmp_path):
+    """train.epochs sets the length: the most steps the run can have is known once the data is read
+    (64 examples / (micro 8 x accum 1) = 8 steps on one rank; more ranks only make it fewer)."""
+    assert_one_line_error(launch(*clm, "data.max_train_samples=64", "data.block_size=32", "train.epochs=1",
+                                  "train.micro_batch_size=8", "train.warmup_steps=9"),
+                          "train.warmup_steps=9 is more than the run's 8 steps")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_and_empty_data(clm, tmp_path):
@@ -141,3 +157,95 @@ def test_glue_folder_uses_dev_file(tiny_gpt2):
     _, _, data, conf = prepare_run(cfg)
     assert (len(data.train), len(data.eval), data.num_labels) == (3667, 408, 2)
     assert conf.pad_token_id == conf.eos_token_id  # GPT-2 has no pad token: EOS pads
+
+
+# -- bad input that used to end in a worker traceback: now one line before any process starts ------
+def copy_model(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_safetensors_is_one_line_before_anything_is_written(tiny_gpt2, tmp_path):
+    model = copy_model(tiny_gpt2, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    out = tmp_path / "run"
+    result = launch("task=causal_lm", f"model.name_or_path={model}", f"data.train={SHAKESPEARE}",
+                    "data.max_train_samples=16", "data.block_size=32", f"output_dir={out}")
+    assert_one_line_error(result, f"error: model '{model}': weights file {weights} is corrupt (tensor ",
+                          "lies past the", "re-download or re-save it")
+    assert not out.exists()  # no config.yaml left in a new run directory
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b[:5], "shorter than the 8-byte header length"),
+    (lambda b: (10 ** 9).to_bytes(8, "little") + b[8:], "header length 1000000000 runs past the end"),
+    (lambda b: b[:8] + b"{" * (int.from_bytes(b[:8], "little")) + b[8 + int.from_bytes(b[:8], "little"):],
+     "its JSON header does not parse"),
+])
+def test_corrupt_safetensors_headers(tiny_gpt2, tmp_path, damage, reason):
+    from engine.config import load_config
+    from engine.errors import EngineError
+    from engine.modeling import check_weights
+    model = copy_model(tiny_gpt2, tmp_path / "model")
+    weights = model / "model.safetensors"
+    cfg = load_config(None, [f"model.name_or_path={model}", f"data.train={SHAKESPEARE}"])
+    check_weights(cfg)  # the intact file passes
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(EngineError) as err:
+        check_weights(cfg)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sharded_checkpoint_checks_every_shard(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from engine.config import load_config
+    from engine.errors import EngineError
+    from engine.modeling import check_weights
+    model = tmp_path / "sharded"
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(
+        model, max_shard_size="100KB")
+    shards = sorted(model.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and not (model / "model.safetensors").exists()
+    cfg = load_config(None, [f"model.name_or_path={model}", f"data.train={SHAKESPEARE}", "tokenizer=gpt2"])
+    check_weights(cfg)
+    last = shards[-1]
+    last.write_bytes(last.read_bytes()[:-4])
+    with pytest.raises(EngineError, match=f"weights file {last} is corrupt"):
+        check_weights(cfg)
+    last.unlink()
+    with pytest.raises(EngineError, match=f"shard {last.name} named in model.safetensors.index.json is missing"):
+        check_weights(cfg)
+
+
+def test_output_dir_that_is_a_file(clm, tmp_path):
+    run = tmp_path / "run"
+    run.write_text("my notes\n")
+    assert_one_line_error(launch(*clm), f"output_dir {run} is an existing file, not a directory")
+    assert run.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("where, fragment", [
+    ("under_file", "is a file, not a directory"),       # a file used as a parent directory
+    ("/sys/engine-test/run", "cannot be created or written: "),      # read-only even for root (sysfs)
+    ("/proc/engine-test/run", "cannot be created or written: "),     # no directory can be made there
+])
+def test_output_dir_that_cannot_be_made_or_written(clm, tmp_path, where, fragment):
+    if where == "under_file":
+        (tmp_path / "a-file").write_text("x")
+        where = str(tmp_path / "a-file" / "sub" / "run")
+    assert_one_line_error(launch(*clm[:-1], f"output_dir={where}"), f"output_dir {where}", fragment)
+    assert not os.path.lexists(where) and not os.path.lexists(os.path.dirname(where))
+    assert (tmp_path / "a-file").read_text() == "x" if (tmp_path / "a-file").exists() else True
+
+
+def test_write_probe_leaves_nothing_behind(tmp_path):
+    from engine.checkpoint import check_output_dir
+    assert check_output_dir(tmp_path / "a" / "b" / "run") == "new"
+    assert list(tmp_path.iterdir()) == []  # the new directory and its new parents are gone again
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("kept")
+    assert check_output_dir(existing) == "new"
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]

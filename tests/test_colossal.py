@@ -46,8 +46,8 @@ HYBRID_PP = ("backend.colossal.plugin=hybrid", "backend.colossal.pp_size=2", "ba
 VARIANTS = {
     "ddp": ("ddp", ()),
     "torch_ddp": ("colossal", ("backend.colossal.plugin=torch_ddp",)),
-    "zero1": ("colossal", ("backend.colossal.plugin=low_level_zero", "backend.colossal.stage=1")),
-    "zero2": ("colossal", ("backend.colossal.plugin=low_level_zero", "backend.colossal.stage=2")),
+    "zero1": ("colossal", ("backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=1")),
+    "zero2": ("colossal", ("backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2")),
     "tp2": ("colossal", HYBRID_TP),
     "pp2": ("colossal", HYBRID_PP),
 }
@@ -223,7 +223,7 @@ def test_mrpc_end_to_end_through_the_cli(tmp_path, tiny_gpt2):
                 f"model.name_or_path={tiny_gpt2}", f"data.train={MRPC}", "data.glue_task=mrpc",
                 "data.block_size=64", "data.max_train_samples=128", "data.max_eval_samples=64",
                 "train.max_steps=8", "train.micro_batch_size=8", "train.lr=1e-3", "train.log_every=4",
-                "backend.colossal.plugin=low_level_zero", "backend.colossal.stage=2", f"output_dir={out}"])
+                "backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2", f"output_dir={out}"])
     final = metrics(out, "eval")[-1]
     assert final["eval_samples"] == 64
     assert len(metrics(out)) == 2 and all(r["loss"] > 0 for r in metrics(out))
@@ -257,15 +257,54 @@ def test_missing_colossalai_says_how_to_install(tmp_path, tiny_gpt2):
 @pytest.mark.fast
 @pytest.mark.parametrize("override,message", [
     ("backend.colossal.plugin=fsdp", "backend.colossal.plugin must be one of"),
-    ("backend.colossal.stage=3", "backend.colossal.stage must be 1 or 2"),
     ("backend.colossal.tp_size=2", "need backend.colossal.plugin=hybrid"),
-    ("backend.colossal.zero_stage=4", "backend.colossal.zero_stage must be 0, 1 or 2"),
+    ("backend.colossal.zero_stage=2", "backend.colossal.zero_stage needs backend.colossal.plugin=low_level_zero"),
 ])
 def test_options_are_validated_with_the_key_named(override, message):
     from engine.config import load_config
     from engine.errors import EngineError
     with pytest.raises(EngineError, match=message):
         load_config(None, [override], backend="colossal")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("plugin, stage, message", [
+    ("low_level_zero", 3, "backend.colossal.zero_stage must be 1 or 2 for plugin=low_level_zero, got 3"),
+    ("low_level_zero", 0, "backend.colossal.zero_stage must be 1 or 2 for plugin=low_level_zero, got 0"),
+    ("hybrid", 4, "backend.colossal.zero_stage must be 0, 1 or 2 for plugin=hybrid, got 4"),
+])
+def test_zero_stage_range_depends_on_the_plugin(plugin, stage, message):
+    from engine.config import load_config
+    from engine.errors import EngineError
+    with pytest.raises(EngineError) as err:
+        load_config(None, [f"backend.colossal.plugin={plugin}", f"backend.colossal.zero_stage={stage}"],
+                    backend="colossal")
+    assert str(err.value) == message
+
+
+@pytest.mark.fast
+def test_zero_stage_is_the_one_name_and_stage_an_alias(capsys):
+    """zero_stage means the ZeRO stage for every plugin (as for DeepSpeed); `stage` still works, with
+    a one-line note, and the two set differently is an error."""
+    from engine.config import load_config
+    from engine.errors import EngineError
+    lz = ["backend.colossal.plugin=low_level_zero"]
+    assert load_config(None, lz, backend="colossal").backend_options().zero_stage == 1  # default
+    cfg = load_config(None, lz + ["backend.colossal.zero_stage=2"], backend="colossal")
+    assert cfg.backend_options().zero_stage == 2
+    assert "deprecated" not in capsys.readouterr().err
+    assert load_config(None, ["backend.colossal.plugin=hybrid"], backend="colossal").backend_options().zero_stage == 0
+    alias = load_config(None, lz + ["backend.colossal.stage=2"], backend="colossal")
+    assert alias.backend_options().zero_stage == 2
+    notes = [l for l in capsys.readouterr().err.splitlines() if "deprecated" in l]
+    assert notes == ["[engine] note: backend.colossal.stage is a deprecated alias; "
+                     "write backend.colossal.zero_stage=2"]
+    assert load_config(None, lz + ["backend.colossal.stage=2", "backend.colossal.zero_stage=2"],
+                       backend="colossal").backend_options().zero_stage == 2  # same value: fine
+    with pytest.raises(EngineError) as err:
+        load_config(None, lz + ["backend.colossal.stage=1", "backend.colossal.zero_stage=2"], backend="colossal")
+    assert str(err.value) == ("backend.colossal.stage=1 and backend.colossal.zero_stage=2 disagree: stage is a "
+                              "deprecated alias of zero_stage; set zero_stage only")
 
 
 @pytest.mark.fast

@@ -29,10 +29,12 @@ INSTALL_HINT = ("ColossalAI is not installed; install it without its 2024-era pi
 @dataclass
 class ColossalOptions:
     plugin: str = "torch_ddp"        # torch_ddp | low_level_zero | gemini | hybrid
-    stage: int = 1                   # low_level_zero: ZeRO stage 1 (optimizer state) or 2 (+ gradients)
+    # THE ZeRO stage (as backend.deepspeed.zero_stage): low_level_zero 1 (optimizer state) or 2
+    # (+ gradients), default 1; hybrid 0, 1 or 2 over the data-parallel group, default 0
+    zero_stage: int | None = None
+    stage: int | None = None         # deprecated alias of zero_stage (low_level_zero's old name)
     tp_size: int = 1                 # hybrid: tensor-parallel degree
     pp_size: int = 1                 # hybrid: pipeline stages
-    zero_stage: int = 0              # hybrid: ZeRO stage over the data-parallel group (0, 1, 2)
     microbatches: int = 0            # hybrid with pp_size > 1: pipeline micro-batches per micro-batch (0 = pp_size)
     cpu_offload: bool = False        # low_level_zero: optimizer state + master weights in host memory
     placement_policy: str = "static"  # gemini: static | auto
@@ -40,19 +42,38 @@ class ColossalOptions:
 
     def __post_init__(self) -> None:
         p = "backend.colossal"
+        self.notes: tuple[str, ...] = ()  # one-line notes for the engine to log (not a config key)
+        if self.stage is not None:
+            if self.zero_stage is not None and self.zero_stage != self.stage:
+                raise EngineError(f"{p}.stage={self.stage} and {p}.zero_stage={self.zero_stage} disagree: "
+                                  f"stage is a deprecated alias of zero_stage; set zero_stage only")
+            self.zero_stage = self.stage
+            self.notes = (f"note: {p}.stage is a deprecated alias; write {p}.zero_stage={self.stage}",)
         if self.plugin not in PLUGINS:
             raise EngineError(f"{p}.plugin must be one of {', '.join(PLUGINS)}; got {self.plugin!r}")
-        if self.stage not in (1, 2):
-            raise EngineError(f"{p}.stage must be 1 or 2 (low_level_zero), got {self.stage}")
-        if self.zero_stage not in (0, 1, 2):
-            raise EngineError(f"{p}.zero_stage must be 0, 1 or 2 (hybrid), got {self.zero_stage}")
+        if self.plugin == "low_level_zero":
+            if self.zero_stage is None:
+                self.zero_stage = 1
+            if self.zero_stage not in (1, 2):
+                raise EngineError(f"{p}.zero_stage must be 1 or 2 for plugin=low_level_zero, got {self.zero_stage}")
+        elif self.plugin == "hybrid":
+            if self.zero_stage is None:
+                self.zero_stage = 0
+            if self.zero_stage not in (0, 1, 2):
+                raise EngineError(f"{p}.zero_stage must be 0, 1 or 2 for plugin=hybrid, got {self.zero_stage}")
+        elif self.zero_stage:
+            raise EngineError(f"{p}.zero_stage needs {p}.plugin=low_level_zero (1, 2) or hybrid (0-2); "
+                              f"got plugin={self.plugin}"
+                              + (" (gemini shards everything already)" if self.plugin == "gemini" else ""))
+        else:
+            self.zero_stage = 0
         for key in ("tp_size", "pp_size"):
             if getattr(self, key) < 1:
                 raise EngineError(f"{p}.{key} must be at least 1, got {getattr(self, key)}")
         if self.microbatches < 0:
             raise EngineError(f"{p}.microbatches must not be negative, got {self.microbatches}")
-        if self.plugin != "hybrid" and (self.tp_size > 1 or self.pp_size > 1 or self.zero_stage):
-            raise EngineError(f"{p}.tp_size/pp_size/zero_stage need {p}.plugin=hybrid (got plugin={self.plugin})")
+        if self.plugin != "hybrid" and (self.tp_size > 1 or self.pp_size > 1):
+            raise EngineError(f"{p}.tp_size/pp_size need {p}.plugin=hybrid (got plugin={self.plugin})")
         if self.pp_size > 1 and self.zero_stage == 2:
             raise EngineError(f"{p}.zero_stage=2 cannot be combined with {p}.pp_size > 1 (ColossalAI: "
                               "pipeline parallelism supports ZeRO stage 0 or 1)")
@@ -162,7 +183,7 @@ class ColossalBackend(Backend):
             return TorchDDPPlugin()
         if o.plugin == "low_level_zero":
             from colossalai.booster.plugin import LowLevelZeroPlugin
-            return LowLevelZeroPlugin(stage=o.stage, precision=precision, max_norm=max_norm,
+            return LowLevelZeroPlugin(stage=o.zero_stage, precision=precision, max_norm=max_norm,
                                       initial_scale=o.initial_scale, cpu_offload=o.cpu_offload,
                                       overlap_communication=torch.cuda.is_available())
         if o.plugin == "gemini":
@@ -368,7 +389,7 @@ class ColossalBackend(Backend):
                 "optimizer": "colossalai HybridAdam (AdamW)" if o.plugin == "gemini" else
                 f"torch.optim.AdamW ({adamw_impl(self.spec.optimizer.impl, self.device)})"}
         if o.plugin == "low_level_zero":
-            info["zero_stage"] = o.stage
+            info["zero_stage"] = o.zero_stage
         if o.plugin == "hybrid":
             info.update(tp_size=o.tp_size, pp_size=o.pp_size, zero_stage=o.zero_stage, dp_size=self.dp_size)
             if o.pp_size > 1:
@@ -377,13 +398,14 @@ class ColossalBackend(Backend):
 
     # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
     bench_spec_help = "colossal:{torch_ddp,low_level_zero,zero1,zero2,gemini,hybrid}[+tpN][+ppN][+stageN][+offload]"
+    # +stageN sets zero_stage (low_level_zero: 1/2, hybrid: 0-2)
 
     @classmethod
     def bench_options(cls, variant: str, modifiers: list[str]) -> dict:
         import re
         variant = variant or "torch_ddp"
         if variant in ("zero1", "zero2"):
-            options: dict = {"plugin": "low_level_zero", "stage": int(variant[-1])}
+            options: dict = {"plugin": "low_level_zero", "zero_stage": int(variant[-1])}
         elif variant in PLUGINS:
             options = {"plugin": variant}
         else:
@@ -393,7 +415,7 @@ class ColossalBackend(Backend):
             if m:
                 options[f"{m.group(1)}_size"] = int(m.group(2))
             elif mod.startswith("stage") and mod[5:].isdigit():
-                options["stage"] = int(mod[5:])
+                options["zero_stage"] = int(mod[5:])
             elif mod == "offload":
                 options["cpu_offload"] = True
             else:
@@ -410,8 +432,9 @@ class ColossalBackend(Backend):
     @classmethod
     def estimate_key(cls, options: dict) -> str | None:
         plugin = options.get("plugin", "torch_ddp")
-        if plugin == "low_level_zero" and options.get("stage", 1) in (1, 2):
-            return f"colossal:zero{options.get('stage', 1)}"
+        stage = options.get("zero_stage", options.get("stage", 1))  # stage: the deprecated alias
+        if plugin == "low_level_zero" and stage in (1, 2):
+            return f"colossal:zero{stage}"
         if plugin in ("torch_ddp", "gemini"):
             return f"colossal:{plugin}"
         return None  # hybrid (TP/PP): no row

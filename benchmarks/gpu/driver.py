@@ -73,7 +73,7 @@ GPU_VARIANTS = [  # (label, engine launch arguments); dropout is off in the mode
     ("deepspeed:zero3+offload", ["--backend", "deepspeed", "backend.deepspeed.zero_stage=3",
                                  "backend.deepspeed.offload_optimizer=cpu", "backend.deepspeed.offload_params=cpu"]),
     ("colossal:torch_ddp", ["--backend", "colossal", "backend.colossal.plugin=torch_ddp"]),
-    ("colossal:zero2", ["--backend", "colossal", "backend.colossal.plugin=low_level_zero", "backend.colossal.stage=2"]),
+    ("colossal:zero2", ["--backend", "colossal", "backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2"]),
     ("colossal:gemini", ["--backend", "colossal", "backend.colossal.plugin=gemini"]),
 ]
 # Resume exactness costs two more launches per variant: a subset per precision that still covers

@@ -19,7 +19,7 @@ class CausalLMTask(Task):
         return AutoModelForCausalLM
 
     def _texts(self, cfg, source: str, field: str, split: str) -> list[str]:
-        rows = read_rows(source, field, split=split, hub_config=cfg.data.hub_config)
+        rows = read_rows(source, field, split=split, hub_config=cfg.data.hub_config, fmt=cfg.data.format)
         column = "text" if "text" in rows[0] and cfg.data.text_column not in rows[0] else cfg.data.text_column
         require_column(rows, column, "data.text_column", source)
         return [str(r[column]) for r in rows if r[column] is not None and str(r[column]).strip()]

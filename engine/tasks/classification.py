@@ -29,7 +29,8 @@ class ClassificationTask(Task):
         _, _, _, glue = self._columns(cfg)
         return read_rows(source, field, split=split, hub_config=cfg.data.hub_config,
                          tsv_header=glue.header if glue else None,
-                         dev_file=glue.dev_file if glue else "dev.tsv")
+                         dev_file=glue.dev_file if glue else "dev.tsv", fmt=cfg.data.format,
+                         glue=glue is not None)
 
     def prepare(self, cfg, tokenizer) -> TaskData:
         d = cfg.data
