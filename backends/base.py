@@ -91,9 +91,11 @@ class Backend(ABC):
                                 timeout=timedelta(seconds=timeout_s))
 
     @classmethod
-    def preflight(cls, spec: TrainingSpec, options) -> None:
-        """Cheap checks before any process starts (library installed, options fit this machine),
-        raising EngineError with a one-line reason. Called by `engine launch`; default: none."""
+    def preflight(cls, spec: TrainingSpec, options, world_size: int | None = None) -> list[str] | None:
+        """Cheap checks before any process starts (library installed, options fit this machine and
+        `world_size`, the number of processes the launcher will start; None when not known), raising
+        EngineError with a one-line reason. May return notes for the launcher's log. Called by
+        `engine launch`; default: none."""
 
     def __init__(self, spec: TrainingSpec, options) -> None:
         self.spec = spec

@@ -69,22 +69,35 @@ class DeepSpeedOptions:
 
     # -- what the options and the user's JSON say together ---------------------------------
     def user_config(self) -> dict:
+        """The user's JSON with DeepSpeed's legacy offload keys read as today's sections (see
+        _map_legacy_offload); {} without a config_file."""
         if self.config_file is None:
             return {}
-        return json.loads(Path(self.config_file).expanduser().read_text())
+        return self._read_user()[0]
+
+    def legacy_notes(self) -> list[str]:
+        """One line per legacy key of the config_file that was mapped (for the launcher's log)."""
+        return self._read_user()[1]
+
+    def _read_user(self) -> tuple[dict, list[str], dict[str, str]]:
+        if self.config_file is None:
+            return {}, [], {}
+        return _map_legacy_offload(json.loads(Path(self.config_file).expanduser().read_text()))
 
     def resolved_zero(self) -> tuple[int, str, str]:
         """(stage, offload_optimizer, offload_params), options first, then the JSON, then defaults;
         an option that contradicts an explicit JSON value is an error, never a silent pick."""
         p = "backend.deepspeed"
-        zero = self.user_config().get("zero_optimization", {}) or {}
+        user, _, legacy = self._read_user()
+        zero = user.get("zero_optimization", {}) or {}
         src = f"{p}.config_file"
 
         def pick(option, option_name, json_value, json_name, default):
             if json_value == "auto" or json_value is None:
                 return default if option is None else option
             if option is not None and option != json_value:
-                raise EngineError(f"{p}.{option_name}={option} conflicts with {json_name}={json_value!r} "
+                said = legacy.get(json_name) or f"{json_name}={json_value!r}"
+                raise EngineError(f"{p}.{option_name}={option} conflicts with {said} "
                                   f"in {src}; remove one or make them equal")
             return json_value
 
@@ -108,6 +121,57 @@ class DeepSpeedOptions:
         return stage, opt_dev, par_dev
 
 
+# DeepSpeed's deprecated zero_optimization keys -> (today's section, what `true` means). DeepSpeed
+# itself still maps them, but it asserts when a key and its replacement are both present, and the
+# engine must know about the offload before it picks the optimizer (DeepSpeedCPUAdam).
+_LEGACY_OFFLOAD = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
+
+
+def _map_legacy_offload(user: dict) -> tuple[dict, list[str], dict[str, str]]:
+    """The user's JSON with zero_optimization.cpu_offload / cpu_offload_param / cpu_offload_use_pin_memory
+    rewritten as offload_optimizer / offload_param sections (the legacy keys removed), one log note per
+    mapped key, and {new dotted key: "legacy_key=value"} for error messages. A legacy key that
+    contradicts its replacement in the same file is an EngineError."""
+    zero = user.get("zero_optimization")
+    if not isinstance(zero, dict) or not any(k in zero for k in (*_LEGACY_OFFLOAD, "cpu_offload_use_pin_memory")):
+        return user, [], {}
+    user = copy.deepcopy(user)
+    zero = user["zero_optimization"]
+    src = "backend.deepspeed.config_file"
+    notes, origin = [], {}
+    for old, new in _LEGACY_OFFLOAD.items():
+        if old not in zero:
+            continue
+        value = zero.pop(old)
+        if not isinstance(value, bool):
+            raise EngineError(f"zero_optimization.{old} in {src} must be true or false, got {value!r}")
+        device = "cpu" if value else "none"
+        section = zero.get(new)
+        section = dict(section) if isinstance(section, dict) else {}
+        present = section.get("device", "auto")
+        if present not in ("auto", None) and present != device:
+            raise EngineError(f"zero_optimization.{old}={str(value).lower()} in {src} conflicts with "
+                              f"zero_optimization.{new}.device={present!r}; keep one of them")
+        section["device"] = device
+        zero[new] = section
+        origin[f"zero_optimization.{new}.device"] = f"zero_optimization.{old}={str(value).lower()}"
+        notes.append(f"{src}: legacy zero_optimization.{old}={str(value).lower()} read as "
+                     f"zero_optimization.{new}.device={device} (the legacy key is not passed to DeepSpeed)")
+    if "cpu_offload_use_pin_memory" in zero:
+        pin = zero.pop("cpu_offload_use_pin_memory")
+        if not isinstance(pin, bool):
+            raise EngineError(f"zero_optimization.cpu_offload_use_pin_memory in {src} must be true or false, "
+                              f"got {pin!r}")
+        targets = [new for new in _LEGACY_OFFLOAD.values()
+                   if isinstance(zero.get(new), dict) and zero[new].get("device", "none") != "none"]
+        for new in targets:
+            zero[new].setdefault("pin_memory", pin)
+        notes.append(f"{src}: legacy zero_optimization.cpu_offload_use_pin_memory={str(pin).lower()} read as "
+                     + (" and ".join(f"zero_optimization.{t}.pin_memory" for t in targets) or "nothing (no offload)")
+                     + " (the legacy key is not passed to DeepSpeed)")
+    return user, notes, origin
+
+
 # --------------------------------------------------------------------------------------------
 # The DeepSpeed config: built from the engine config, merged with the user's JSON
 # --------------------------------------------------------------------------------------------
@@ -125,7 +189,8 @@ def build_ds_config(spec: TrainingSpec, options: DeepSpeedOptions, world_size: i
                     hidden_size: int | None, scheduler: SchedulerSpec | None = None) -> dict:
     """The DeepSpeed config dict the engine runs with. The engine's values win where the user's JSON
     says "auto" or nothing; an explicit, different value in the JSON is an EngineError naming both.
-    world_size, hidden_size and scheduler are None in preflight (not known before launch)."""
+    hidden_size and scheduler are None in preflight (not known before the model and data are);
+    world_size is the launcher's process count there (None when not known: train_batch_size unchecked)."""
     t, optimizer = spec, spec.optimizer
     stage, opt_dev, par_dev = options.resolved_zero()
     user = copy.deepcopy(options.user_config())
@@ -144,9 +209,13 @@ def build_ds_config(spec: TrainingSpec, options: DeepSpeedOptions, world_size: i
     settle(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size",
            "train_micro_batch_size_per_gpu")
     settle(ds, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", "gradient_accumulation_steps")
-    if world_size is not None:  # unknown in preflight (before the launcher has counted processes)
+    if world_size is not None:  # the launcher's process count in preflight, the process group's in setup
         settle(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
-               f"train.micro_batch_size x train.grad_accum x {world_size} ranks", "train_batch_size")
+               f"train.micro_batch_size x train.grad_accum x ranks ({t.micro_batch_size} x {t.grad_accum} x "
+               f"{world_size})",
+               "train_batch_size")
+    elif ds.get("train_batch_size") == "auto":  # no process count given (preflight outside `engine launch`)
+        ds.pop("train_batch_size")
     settle(ds, "gradient_clipping", float(t.max_grad_norm), "train.max_grad_norm", "gradient_clipping", close)
 
     # precision: train.precision decides; the JSON may only agree
@@ -260,6 +329,20 @@ def _import_deepspeed():
     return deepspeed
 
 
+def _check_precision(precision: str) -> None:
+    """EngineError when DeepSpeed's accelerator on this machine cannot train in `precision`
+    (fp16 on CPUs without mkldnn fp16, bf16 on old GPUs)."""
+    if precision == "fp32":
+        return
+    _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+    accel = get_accelerator()
+    if (precision == "fp16" and not accel.is_fp16_supported()) or \
+            (precision == "bf16" and not accel.is_bf16_supported()):
+        raise EngineError(f"train.precision={precision} is not supported by DeepSpeed on this device "
+                          f"({accel.device_name()}); use " + ("bf16 or fp32" if precision == "fp16" else "fp32"))
+
+
 def _hidden_size(conf) -> int | None:
     for attr in ("hidden_size", "n_embd", "d_model"):
         value = getattr(conf, attr, None)
@@ -287,14 +370,19 @@ class DeepSpeedBackend(Backend):
                                    timeout=timedelta(seconds=timeout_s))
 
     @classmethod
-    def preflight(cls, spec: TrainingSpec, options: DeepSpeedOptions) -> None:
+    def preflight(cls, spec: TrainingSpec, options: DeepSpeedOptions, world_size: int | None = None) -> list[str]:
         """Before `engine launch` spawns processes: deepspeed importable, the user's JSON consistent
-        with the engine config (all but the values that need the data or the process count)."""
+        with the engine config (train_batch_size against world_size, the launcher's process count;
+        all but the values that need the data), the precision supported by this device. Returns the
+        notes for the launcher's log (legacy keys mapped)."""
         import importlib.util
         if importlib.util.find_spec("deepspeed") is None:
             raise EngineError("backend deepspeed needs the deepspeed package: pip install 'engine[deepspeed]' "
                               "(deepspeed and ninja)")
-        build_ds_config(spec, options, None, None)
+        build_ds_config(spec, options, world_size, None)
+        if spec.precision != "fp32":  # importing deepspeed costs seconds: only when there is something to ask
+            _check_precision(spec.precision)
+        return options.legacy_notes()
 
     def __init__(self, spec: TrainingSpec, options: DeepSpeedOptions) -> None:
         super().__init__(spec, options)
@@ -313,13 +401,7 @@ class DeepSpeedBackend(Backend):
         # first without the model: "auto" sizes that depend on its width fall back to DeepSpeed's
         # defaults for zero.Init (which does not use them); settled below once the model exists
         self.ds_config = build_ds_config(self.spec, self.options, self.world_size, None, scheduler)
-        from deepspeed.accelerator import get_accelerator
-        accel = get_accelerator()
-        precision = self.spec.precision
-        if (precision == "fp16" and not accel.is_fp16_supported()) or \
-                (precision == "bf16" and not accel.is_bf16_supported()):
-            raise EngineError(f"train.precision={precision} is not supported by DeepSpeed on this device "
-                              f"({accel.device_name()}); use " + ("bf16 or fp32" if precision == "fp16" else "fp32"))
+        _check_precision(self.spec.precision)  # also in preflight; here for runs not started by `engine launch`
         if "nvme" in (self.offload_optimizer, self.offload_params):
             if not deepspeed.ops.__compatible_ops__.get("async_io", False):
                 raise EngineError("nvme offload needs DeepSpeed's async_io op (libaio-dev and a DeepSpeed "

@@ -45,8 +45,10 @@ def main() -> None:
     """Fine-tune GPT-style models with one loop over DDP, DeepSpeed and ColossalAI."""
 
 
-def resolve_job(config: str | None, overrides: list[str], backend: str | None):
-    """Load + validate config, settle output_dir, and check data and model before any process starts."""
+def resolve_job(config: str | None, overrides: list[str], backend: str | None, world_size: int | None = None):
+    """Load + validate config, settle output_dir, and check data and model before any process starts.
+    world_size: the number of processes the launcher will start (all nodes), for the backend's checks."""
+    from engine import warn_once
     from engine.checkpoint import check_output_dir
     from engine.config import load_config
     from engine.metrics import log
@@ -54,8 +56,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
 
     from backends.base import backend_class
 
+    warn_once.install()  # the launcher reads data and models too: library warnings once
     cfg = load_config(config, overrides, backend=backend)
-    backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options())  # before spawning
+    notes = backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options(),
+                                                      world_size)  # before spawning
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     mode = check_output_dir(Path(cfg.output_dir))
@@ -65,6 +69,8 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
         import math
         t.warmup_for(max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum)))))
     log(("resuming run in " if mode == "resume" else "new run in ") + cfg.output_dir)
+    for note in notes or ():
+        log(note)
     return cfg
 
 
@@ -114,7 +120,7 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
             master_port = free_port() if nnodes == 1 else 29500
         if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
-    cfg = resolve_job(config, overrides, backend)
+    cfg = resolve_job(config, overrides, backend, world_size=procs * nnodes)
     cfg_dict = cfg.to_dict()
     from contextlib import nullcontext
 

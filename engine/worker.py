@@ -55,6 +55,8 @@ def run(cfg_dict: dict) -> dict:
 
     if not torch.cuda.is_available():  # transformers imports an installed DeepSpeed, which warns otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from engine import warn_once
+    warn_once.install()  # library warnings once per process, not once per step
     cfg = config_from_dict(cfg_dict)
     validate(cfg)
     testhooks.write_pid()

@@ -24,6 +24,8 @@ from drivers.run_many import scenario_log
 from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
+# HF run_clm-style ZeRO-2 file as recipes ship it: "auto" everywhere, the legacy "cpu_offload": true
+RUN_CLM_JSON = Path(__file__).parent / "data" / "hf_run_clm_ds_config_zero2.json"
 STEPS = 4
 TOL = 1e-6
 CLIP = 0.5  # the tiny model's gradient norms are ~1-6 at these steps: this clips every step
@@ -357,6 +359,15 @@ def test_clipping_is_never_left_to_deepspeeds_default(tmp_path):
                                                              "zero_optimization.stage=3"),
     ({"scheduler": {"type": "WarmupCosineLR"}}, {}, "conflicts with train.scheduler='linear'"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, {}, "offload_params=cpu needs zero_stage=3"),
+    ({"train_batch_size": 16}, {}, "train_batch_size=16 in backend.deepspeed.config_file conflicts with "
+                                   "train.micro_batch_size x train.grad_accum x ranks (2 x 1 x 2)=4"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, {"offload_optimizer": "none"},
+     "backend.deepspeed.offload_optimizer=none conflicts with zero_optimization.cpu_offload=true"),
+    ({"zero_optimization": {"stage": 2, "cpu_offload": False}}, {"offload_optimizer": "cpu"},
+     "backend.deepspeed.offload_optimizer=cpu conflicts with zero_optimization.cpu_offload=false"),
+    ({"zero_optimization": {"stage": 3, "cpu_offload": True, "offload_optimizer": {"device": "nvme"}}}, {},
+     "zero_optimization.cpu_offload=true in backend.deepspeed.config_file conflicts with "
+     "zero_optimization.offload_optimizer.device='nvme'"),
 ])
 def test_conflicting_json_values_are_errors(tmp_path, ds, override, message):
     from backends.deepspeed_zero import build_ds_config
@@ -397,3 +408,148 @@ def test_conflicting_json_fails_through_the_cli_before_spawning(tiny_gpt2, tmp_p
     line = assert_one_error_line(proc.stderr, "error: ")
     assert "gradient_clipping=1.0" in line and "train.max_grad_norm=0.0" in line, line
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_train_batch_size_auto_is_filled_from_the_process_count(tmp_path):
+    """preflight gets the launcher's process count and checks the whole JSON; without one (older
+    callers) "auto" is left for the workers to fill, never refused."""
+    from backends.deepspeed_zero import DeepSpeedBackend, build_ds_config
+    cfg = _cfg(tmp_path, json.loads(SEED_JSON.read_text()), max_grad_norm=0.7, grad_accum=3)
+    spec, options = cfg.training_spec(), cfg.backend_options()
+    assert DeepSpeedBackend.preflight(spec, options, 4) == []
+    assert DeepSpeedBackend.preflight(spec, options) == []
+    assert build_ds_config(spec, options, 4, None)["train_batch_size"] == 2 * 3 * 4
+    assert "train_batch_size" not in build_ds_config(spec, options, None, None)
+    assert build_ds_config(spec, _cfg(tmp_path, {"train_batch_size": 24}, grad_accum=3).backend_options(), 4,
+                           None)["train_batch_size"] == 24  # an explicit value that agrees stays
+
+
+def test_legacy_cpu_offload_is_read_as_optimizer_offload(tmp_path):
+    """The run_clm file's zero_optimization.cpu_offload=true means CPU optimizer offload: the engine picks
+    DeepSpeedCPUAdam for it, passes DeepSpeed only offload_optimizer (DeepSpeed asserts on both), and
+    says so in one note. backend.deepspeed.offload_optimizer=cpu on top agrees."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from backends.base import SchedulerSpec
+    from backends.deepspeed_zero import DeepSpeedBackend, build_ds_config
+    raw = json.loads(RUN_CLM_JSON.read_text())
+    assert raw["zero_optimization"]["cpu_offload"] is True
+    for override in ({}, {"offload_optimizer": "cpu"}):
+        cfg = _cfg(tmp_path, raw, scheduler="constant_with_warmup")
+        cfg.backend.options["deepspeed"].update(override)
+        options = cfg.backend_options()
+        assert options.resolved_zero() == (2, "cpu", "none")
+        notes = DeepSpeedBackend.preflight(cfg.training_spec(), options, 2)
+        assert len(notes) == 1 and "legacy zero_optimization.cpu_offload=true read as " \
+            "zero_optimization.offload_optimizer.device=cpu" in notes[0]
+        ds = build_ds_config(cfg.training_spec(), options, 2, 32, SchedulerSpec("constant_with_warmup", 1, 4))
+        zero = ds["zero_optimization"]
+        assert "cpu_offload" not in zero and zero["offload_optimizer"]["device"] == "cpu"
+        assert ds["zero_force_ds_cpu_optimizer"] is True and ds["train_batch_size"] == 4
+        assert DeepSpeedZeroConfig(**zero).offload_optimizer.device == "cpu"  # DeepSpeed reads it the same
+    # what DeepSpeed got before: the legacy key next to its replacement is DeepSpeed's assertion
+    with pytest.raises(AssertionError, match="deprecated parameter 'cpu_offload' and replacing parameter"):
+        DeepSpeedZeroConfig(**{**raw["zero_optimization"], "offload_optimizer": {"device": "cpu"}})
+
+
+def test_legacy_param_offload_and_pin_memory_keys(tmp_path):
+    from backends.deepspeed_zero import build_ds_config
+    cfg = _cfg(tmp_path, {"zero_optimization": {"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
+                                                "cpu_offload_use_pin_memory": False}})
+    options = cfg.backend_options()
+    assert options.resolved_zero() == (3, "cpu", "cpu") and len(options.legacy_notes()) == 3
+    zero = build_ds_config(cfg.training_spec(), options, 2, None)["zero_optimization"]
+    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                    "offload_param": {"device": "cpu", "pin_memory": False}}
+
+
+def test_warnings_once_per_process_in_a_real_call(tmp_path):
+    """The real torch call that flooded ZeRO-3 logs (reduce_scatter_tensor's FutureWarning), 50 times, each
+    inside a catch_warnings block as libraries do per step (which clears Python's once-per-location
+    registry); a repeated DeepSpeed logger warning; an error that must still show every time.
+    Without warn_once the warning shows 50 times (the control run)."""
+    script = tmp_path / "emit.py"
+    script.write_text(
+        "import sys, warnings, logging, torch, torch.distributed as dist\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "if sys.argv[1] == 'on':\n"
+        "    from engine import warn_once; warn_once.install()\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "ds = logging.getLogger('DeepSpeed')\n"
+        "for i in range(50):\n"
+        "    with warnings.catch_warnings():\n"
+        "        try:\n"
+        "            dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(2))\n"
+        "        except (ValueError, RuntimeError):\n"
+        "            pass  # no process group: the warning comes first\n"
+        "    ds.warning('the same DeepSpeed warning')\n"
+        "    logging.getLogger('DeepSpeed').error('an error %d', i % 2)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    try:\n"
+        "        dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(2))\n"
+        "    except FutureWarning:\n"
+        "        print('still an error')\n")
+    counts = {}
+    for mode in ("on", "off"):
+        proc = subprocess.run([sys.executable, str(script), mode, str(REPO)], capture_output=True, text=True,
+                              timeout=120)
+        out = proc.stdout + proc.stderr
+        counts[mode] = (out.count("`torch.distributed.reduce_scatter_tensor` is deprecated"),
+                        out.count("the same DeepSpeed warning"), out.count("an error 0"), out.count("an error 1"),
+                        out.count("still an error"))
+    assert counts["off"][0] == 50 and counts["off"][1] == 50  # the test can fail
+    assert counts["on"] == (1, 1, 25, 25, 1), counts
+
+
+def test_library_warnings_once_per_process_in_zero3_runs(job):
+    """The torchrun job (2 processes, many ZeRO-3 scenarios, thousands of collectives) shows torch's
+    FutureWarnings at most once per process."""
+    log = job["log"]
+    for message in ("`torch.distributed.reduce_scatter_tensor` is deprecated",
+                    "`torch.distributed.all_gather_into_tensor` is deprecated"):
+        assert 1 <= log.count(message) <= 2, (message, log.count(message))
+
+
+def test_fp16_on_cpu_fails_in_preflight_before_spawning(tiny_gpt2, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is supported on CUDA")
+    out = tmp_path / "out"
+    args = ["launch", "--gpus", "0", "--nproc", "2", "--backend", "deepspeed", f"model.name_or_path={tiny_gpt2}",
+            f"data.train={SHAKESPEARE}", "data.max_train_samples=16", "train.max_steps=2", "train.precision=fp16",
+            f"output_dir={out}"]
+    proc = run_engine(args, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.precision=fp16 is not supported by DeepSpeed on this device (cpu); "
+                      "use bf16 or fp32"], proc.stderr
+    assert "Traceback" not in proc.stderr and "new run in" not in proc.stderr  # no worker started
+    assert not out.exists()  # nothing written
+
+
+def test_run_clm_recipe_json_runs_unedited_through_the_cli(tiny_gpt2, tmp_path):
+    """A recipe's own DeepSpeed file (HF run_clm style: "auto" everywhere including train_batch_size, the
+    legacy "cpu_offload": true, a WarmupLR scheduler section) through the real `engine launch`, 2 CPU
+    processes, to the end: the offload is mapped (logged once, by the launcher) and DeepSpeedCPUAdam trains."""
+    out = tmp_path / "out"
+    args = ["launch", "--gpus", "0", "--nproc", "2", "--backend", "deepspeed", f"model.name_or_path={tiny_gpt2}",
+            f"data.train={SHAKESPEARE}", "data.max_train_samples=32", "data.block_size=32",
+            "data.validation_split=0.02", "data.max_eval_samples=4", "train.max_steps=3", "train.micro_batch_size=2",
+            "train.grad_accum=2", "train.scheduler=constant_with_warmup", "train.warmup_ratio=0.34",
+            "train.precision=fp32", "train.log_every=1", f"backend.deepspeed.config_file={RUN_CLM_JSON}",
+            f"output_dir={out}"]
+    proc = run_engine(args, timeout=900)
+    log = proc.stdout + proc.stderr
+    (tmp_path / "launch.log").write_text(log)
+    mapped = [line for line in log.splitlines() if "legacy zero_optimization.cpu_offload=true read as "
+              "zero_optimization.offload_optimizer.device=cpu" in line]
+    assert len(mapped) == 1 and mapped[0].startswith("[engine] "), log[-4000:]
+    assert "'optimizer': 'DeepSpeedCPUAdam', 'offload_optimizer': 'cpu'" in log, log[-4000:]
+    assert "Config parameter cpu_offload is deprecated" not in log  # DeepSpeed never saw the legacy key
+    assert "| global batch 8 |" in log  # train_batch_size "auto" = 2 x 2 x 2 ranks
+    assert len(losses(out)) == 3
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    for line in set(log.splitlines()):  # library warnings: at most once per process (launcher + 2 workers)
+        if "Warning:" in line:
+            assert log.count(line) <= 3, line

@@ -138,7 +138,7 @@ def _cpu_only_reason(options: ColossalOptions) -> str | None:
 class ColossalBackend(Backend):
 
     @classmethod
-    def preflight(cls, spec: TrainingSpec, options: ColossalOptions) -> None:
+    def preflight(cls, spec: TrainingSpec, options: ColossalOptions, world_size: int | None = None) -> None:
         _require_colossalai()
         reason = _config_error(spec, options)
         if reason:

@@ -1,0 +1,76 @@
+"""Library warnings once per process.
+
+torch, DeepSpeed, transformers and ColossalAI warn from inside every training step (a ZeRO-3 run
+printed torch's `reduce_scatter_tensor` FutureWarning once per collective: thousands of lines).
+Python's own once-per-location registry does not hold: every change of the warning filters (any
+`warnings.catch_warnings()` block, which libraries enter per step) clears it. `install()` shows
+each warning once per process, keyed by (category, message text), whatever the filters say, and
+does the same for WARNING records of the libraries' loggers. Errors are untouched: a filter that
+turns a warning into an exception raises before anything is shown, and log records above WARNING
+always pass.
+
+Called at the start of every worker process (engine.worker.run) and in the launcher
+(engine.cli.resolve_job).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+# loggers whose records are filtered on the logger itself (records logged on it directly) and on
+# the handlers it has when install() runs (records of its children that reach those handlers)
+LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "colossalai", "bitsandbytes", "torch", "py.warnings")
+
+_seen_warnings: set[tuple[type, str]] = set()
+_installed = False
+
+
+class OncePerMessage(logging.Filter):
+    """Passes a WARNING record the first time its (logger, message) is seen in this process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        try:
+            key = (record.name, record.getMessage())
+        except Exception:  # a malformed record: let logging report it as usual
+            return True
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_log_filter = OncePerMessage()
+
+
+def install() -> None:
+    """Idempotent; affects only this process."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    shown = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key in _seen_warnings:
+            return
+        _seen_warnings.add(key)
+        shown(message, category, filename, lineno, file, line)
+
+    showwarning.__wrapped__ = shown  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+    targets = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    for logger in targets:
+        logger.addFilter(_log_filter)
+    handlers = [h for logger in (logging.getLogger(), *targets) for h in logger.handlers]
+    if logging.lastResort is not None:  # what records reaching an unconfigured root are printed by
+        handlers.append(logging.lastResort)
+    for handler in handlers:
+        if _log_filter not in handler.filters:
+            handler.addFilter(_log_filter)
