@@ -288,7 +288,7 @@ def build_ds_config(spec: TrainingSpec, options: DeepSpeedOptions, world_size: i
         if scheduler is None:  # preflight: total steps are known only once the data is
             params.pop("warmup_num_steps", None), params.pop("total_num_steps", None)
             scheduler = SchedulerSpec(spec.scheduler_name, "auto", "auto")
-        settle(params, "warmup_num_steps", scheduler.warmup_steps, "round(train.warmup_ratio x total steps)",
+        settle(params, "warmup_num_steps", scheduler.warmup_steps, "train.warmup_steps (or round(train.warmup_ratio x total steps))",
                "scheduler.params.warmup_num_steps")
         settle(params, "warmup_max_lr", optimizer.lr, "train.lr",
                "scheduler.params.warmup_max_lr", close)
