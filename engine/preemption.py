@@ -38,6 +38,9 @@ class Preemption:
     def close(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 def signal_name(signum: int) -> str:

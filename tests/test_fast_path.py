@@ -90,3 +90,20 @@ def test_compile_is_refused_where_the_backend_cannot(tiny_gpt2):
                       backend="colossal")
     with pytest.raises(EngineError, match="train.compile is not supported by the colossal backend"):
         backend_class("colossal").preflight(cfg.training_spec(), cfg.backend_options())
+
+
+def test_deepspeed_compile_gives_the_same_losses(tiny_gpt2, tmp_path):
+    """DeepSpeed compiles through its own engine.compile() (its hooks stay in place): ZeRO-2 in one
+    process, compiled and not, within the bound of the DDP compile test."""
+    pytest.importorskip("deepspeed")
+    from helpers import run_engine
+    base = ["launch", "--gpus", "0", "--nproc", "1", "--backend", "deepspeed", "backend.deepspeed.zero_stage=2",
+            "task=causal_lm", f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32",
+            "data.max_train_samples=64", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-3",
+            "train.log_every=1", "train.save_final=false"]
+    run_engine(base + [f"output_dir={tmp_path / 'eager'}"])
+    compiled = run_engine(base + [f"output_dir={tmp_path / 'compiled'}", "train.compile=true"])
+    assert "'compiled': True" in compiled.stderr
+    eager, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    worst = max(abs(a - b) for a, b in zip(eager, got))
+    assert len(got) == 4 and worst <= 1e-5, f"max |compiled - eager| = {worst:.3g}"
