@@ -45,7 +45,7 @@ def main() -> None:
     """Fine-tune GPT-style models with one loop over DDP, DeepSpeed and ColossalAI."""
 
 
-def resolve_job(config: str | None, overrides: list[str], backend: str | None):
+def resolve_job(config: str | None, overrides: list[str], backend: str | None, continue_run: bool = False):
     """Load + validate config, settle output_dir, and check data and model before any process starts."""
     from engine.checkpoint import check_output_dir
     from engine.config import load_config
@@ -58,9 +58,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
     backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options())  # before spawning
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    mode = check_output_dir(Path(cfg.output_dir))
+    mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
     prepare_run(cfg)
-    log(("resuming run in " if mode == "resume" else "new run in ") + cfg.output_dir)
+    log({"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
+        + cfg.output_dir)
     return cfg
 
 
@@ -80,8 +81,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None):
 @click.option("--gpus-per-node", type=int, default=None, help="Ray: GPUs per node to pack workers by")
 @click.option("--rdzv-timeout", type=int, default=300, show_default=True,
               help="seconds to wait for all nodes to join (torchrun) or for the cluster's resources (Ray)")
+@click.option("--continue", "continue_run", is_flag=True,
+              help="train a finished run (same output_dir) further, to a larger train.max_steps / train.epochs")
 def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_port, max_restarts, launcher,
-           address, gpus_per_node, rdzv_timeout):
+           address, gpus_per_node, rdzv_timeout, continue_run):
     """Start a training job: engine launch [CONFIG.yaml] [KEY=VALUE ...].
 
     With no CONFIG it trains a small GPT-2 on the project's own sample corpus."""
@@ -110,8 +113,8 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
             master_port = free_port() if nnodes == 1 else 29500
         if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
-    cfg = resolve_job(config, overrides, backend)
-    cfg_dict = cfg.to_dict()
+    cfg = resolve_job(config, overrides, backend, continue_run)
+    cfg_dict = _with_continue(cfg.to_dict(), continue_run)
     if launcher == "ray":
         from launch.ray_launcher import launch as ray_launch
         ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
@@ -127,7 +130,8 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--backend", default=None)
-def train(args, backend):
+@click.option("--continue", "continue_run", is_flag=True, help="train a finished run further (see engine launch)")
+def train(args, backend, continue_run):
     """Per-rank entry point (also under an external torchrun): engine train CONFIG [KEY=VALUE ...]."""
     from engine.config import load_config
     from engine.worker import run
@@ -139,8 +143,13 @@ def train(args, backend):
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{run_id}")
     if int(os.environ.get("RANK", 0)) == 0:
         from engine.checkpoint import check_output_dir
-        check_output_dir(Path(cfg.output_dir))
-    run(cfg.to_dict())
+        check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
+    run(_with_continue(cfg.to_dict(), continue_run))
+
+
+def _with_continue(cfg_dict: dict, continue_run: bool) -> dict:
+    from engine.worker import CONTINUE_KEY
+    return {**cfg_dict, CONTINUE_KEY: True} if continue_run else cfg_dict
 
 
 @main.command()
