@@ -152,6 +152,61 @@ def _with_continue(cfg_dict: dict, continue_run: bool) -> dict:
     return {**cfg_dict, CONTINUE_KEY: True} if continue_run else cfg_dict
 
 
+@main.command("eval", context_settings={"ignore_unknown_options": True})
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", default=None, help="eval set: file, GLUE folder (its dev set) or hub name; "
+              "default: the run's validation set")
+@click.option("--glue-task", default=None, help="mrpc, sst2, ...: columns, labels and official metrics "
+              "(implies classification)")
+@click.option("--task", type=click.Choice(["causal_lm", "classification"]), default=None,
+              help="default: from the model's head (*ForSequenceClassification = classification) or the run")
+@click.option("--output", default=None, help="metrics JSON (default ./eval-<timestamp>.json); never overwritten")
+@click.option("--predictions", default=None, help="per-example JSONL: index, prediction, label, logits, "
+              "probabilities (classification) or loss, tokens (causal LM)")
+@click.option("--batch-size", type=int, default=None, help="per process (default: the run's eval batch)")
+@click.option("--gpus", type=int, default=None, help="GPUs, one process each (default: all; 0 = CPU processes)")
+@click.option("--nproc", type=int, default=None, help="CPU processes when --gpus 0 (default 1)")
+@click.option("--master-port", type=int, default=None, help="default: a free port")
+def eval_(source, overrides, data, glue_task, task, output, predictions, batch_size, gpus, nproc, master_port):
+    """Score a model without training: engine eval MODEL_DIR|RUN_DIR|RUN/checkpoints/step-N [--data ...]
+    [KEY=VALUE ...]. Metrics (eval loss + perplexity, or the GLUE task's) go to --output and stdout."""
+    from engine import evaluate as ev
+    from engine.metrics import log
+
+    present = _gpu_count()
+    gpus = present if gpus is None else gpus
+    if gpus < 0 or (nproc is not None and nproc < 1) or (batch_size is not None and batch_size < 1):
+        raise EngineError("--gpus must be >= 0, --nproc >= 1 and --batch-size >= 1")
+    if gpus > present:
+        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)")
+    if gpus > 0 and nproc is not None and nproc != gpus:
+        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
+    procs = gpus if gpus > 0 else (nproc or 1)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise EngineError(f"unexpected argument {bad[0]!r}: give one model/run/checkpoint and KEY=VALUE overrides")
+    output = output or ev.default_output()
+    ev.check_new_file(output, "--output")
+    ev.check_new_file(predictions, "--predictions")
+    if predictions and Path(predictions).resolve() == Path(output).resolve():
+        raise EngineError("--output and --predictions must be different files")
+    src = ev.resolve_source(source)
+    cfg = ev.build_config(src, data=data, glue_task=glue_task, task=task, batch_size=batch_size,
+                          overrides=list(overrides))
+    n = ev.preflight(cfg, src)
+    log(f"evaluating {src.model or src.checkpoint} ({cfg.task}) on {n} examples with {procs} process(es)")
+    job = ev.make_job(src, cfg, output, predictions)
+    if procs == 1:
+        ev.run(job)
+        return
+    from backends.host import free_port
+    from launch.torchrun import launch as torchrun_launch
+    threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
+    torchrun_launch(job, nproc=procs, master_port=master_port or free_port(), threads_per_proc=threads,
+                    entry=ev.run_and_exit)
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--prompt", "prompts", multiple=True, default=("Once upon a time",), show_default=True)
