@@ -160,6 +160,21 @@ class Backend(ABC):
     def load_state(self, directory: Path) -> None:
         """Restore what save_state wrote. All ranks call."""
 
+    def realign_schedule(self) -> float | None:
+        """After load_state into a scheduler built for a different total (`engine launch --continue`),
+        set the optimizer's lr to the value the new schedule has at the restored step (load_state
+        keeps the lr the old schedule left, e.g. 0 at the end of a linear decay). Returns that lr,
+        or None for a scheduler that is not a LambdaLR (all of the engine's are: backends.optim)."""
+        sched = getattr(self, "scheduler", None)
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if lambdas is None:
+            return None
+        groups = sched.optimizer.param_groups
+        for group, base_lr, fn in zip(groups, sched.base_lrs, lambdas):
+            group["lr"] = base_lr * fn(sched.last_epoch)  # what LambdaLR.get_lr computes at a step
+        sched._last_lr = [group["lr"] for group in groups]
+        return sched._last_lr[0]
+
     @abstractmethod
     def export_pretrained(self, directory: Path) -> None:
         """Consolidated HF model folder (safetensors) written by rank 0. All ranks call."""

@@ -71,15 +71,21 @@ def write_run_status(output_dir: Path, status: str, **extra) -> None:
     _atomic_write(Path(output_dir) / RUN_FILE, json.dumps({"status": status, **extra}, indent=2))
 
 
-def check_output_dir(output_dir: Path) -> str:
-    """'new', 'resume' or raise: an existing finished run is never overwritten, and the directory
-    must be creatable and writable (probed, leaving nothing behind)."""
+def check_output_dir(output_dir: Path, continue_run: bool = False, max_steps: int = 0) -> str:
+    """'new', 'resume', 'continue' or raise: an existing finished run is never overwritten, and the
+    directory must be creatable and writable (probed, leaving nothing behind).
+
+    continue_run (`--continue`): train a finished run further from its final checkpoint;
+    max_steps (when set) must exceed the step it finished at."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise EngineError(f"output_dir {output_dir} is an existing file, not a directory; choose another output_dir")
+    if continue_run:
+        return _check_continue(output_dir, max_steps)
     if run_status(output_dir) == "finished":
-        raise EngineError(f"output_dir {output_dir} already holds a finished run; "
-                          "choose a new output_dir (or delete that one)")
+        raise EngineError(f"output_dir {output_dir} already holds a finished run; choose a new output_dir "
+                          "(or delete that one), or train it further with --continue and a larger "
+                          "train.max_steps / train.epochs")
     mode = "resume" if latest_checkpoint(output_dir) is not None else "new"
     if mode == "new" and (output_dir / "model").exists():
         raise EngineError(f"output_dir {output_dir} already holds a model/ folder; choose a new output_dir")
@@ -113,6 +119,39 @@ def _probe_writable(output_dir: Path) -> None:
                 d.rmdir()
             except OSError:
                 pass
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step a finished run ended at (run.json), None if it is not finished."""
+    if run_status(output_dir) != "finished":
+        return None
+    return json.loads((Path(output_dir) / RUN_FILE).read_text()).get("step")
+
+
+def kept_export_dir(output_dir: Path, step: int) -> Path:
+    """Where `--continue` keeps the finished run's model/ export before training further."""
+    return Path(output_dir) / f"model-step-{step}"
+
+
+def _check_continue(output_dir: Path, max_steps: int) -> str:
+    status = run_status(output_dir)
+    if status != "finished":
+        what = "does not hold a run" if status is None else f"holds a run that is {status}, not finished"
+        raise EngineError(f"--continue is for a finished run, but output_dir {output_dir} {what}"
+                          + ("; relaunch without --continue to resume it" if status else ""))
+    step = finished_step(output_dir)
+    final = latest_checkpoint(output_dir)
+    if step is None or final is None or final.name != f"step-{step}":
+        raise EngineError(f"--continue: the finished run in {output_dir} has no final checkpoint "
+                          f"checkpoints/step-{step} (train.save_final was false?); start a new run from its export "
+                          f"instead: model.name_or_path={output_dir / 'model'}")
+    if max_steps and max_steps <= step:
+        raise EngineError(f"--continue: the run finished at step {step}; train.max_steps={max_steps} must be larger")
+    kept = kept_export_dir(output_dir, step)
+    if kept.exists():
+        raise EngineError(f"--continue: {kept} already exists, and the model/ export of step {step} would be "
+                          "kept there; move it away first")
+    return "continue"
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -45,7 +45,8 @@ def main() -> None:
     """Fine-tune GPT-style models with one loop over DDP, DeepSpeed and ColossalAI."""
 
 
-def resolve_job(config: str | None, overrides: list[str], backend: str | None, world_size: int | None = None):
+def resolve_job(config: str | None, overrides: list[str], backend: str | None, world_size: int | None = None,
+                continue_run: bool = False):
     """Load + validate config, settle output_dir, and check data and model before any process starts.
     world_size: the number of processes the launcher will start (all nodes), for the backend's checks."""
     from engine import warn_once
@@ -62,13 +63,14 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
                                                       world_size)  # before spawning
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    mode = check_output_dir(Path(cfg.output_dir))
+    mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
     data = prepare_run(cfg)[2]
     t = cfg.train
     if t.warmup_steps and not t.max_steps:  # epoch-based: the most steps the run can have (one rank) is known now
         import math
         t.warmup_for(max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum)))))
-    log(("resuming run in " if mode == "resume" else "new run in ") + cfg.output_dir)
+    log({"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
+        + cfg.output_dir)
     for note in notes or ():
         log(note)
     return cfg
@@ -90,8 +92,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
 @click.option("--gpus-per-node", type=int, default=None, help="Ray: GPUs per node to pack workers by")
 @click.option("--rdzv-timeout", type=int, default=300, show_default=True,
               help="seconds to wait for all nodes to join (torchrun) or for the cluster's resources (Ray)")
+@click.option("--continue", "continue_run", is_flag=True,
+              help="train a finished run (same output_dir) further, to a larger train.max_steps / train.epochs")
 def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_port, max_restarts, launcher,
-           address, gpus_per_node, rdzv_timeout):
+           address, gpus_per_node, rdzv_timeout, continue_run):
     """Start a training job: engine launch [CONFIG.yaml] [KEY=VALUE ...].
 
     With no CONFIG it trains a small GPT-2 on the project's own sample corpus."""
@@ -120,8 +124,8 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
             master_port = free_port() if nnodes == 1 else 29500
         if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
-    cfg = resolve_job(config, overrides, backend, world_size=procs * nnodes)
-    cfg_dict = cfg.to_dict()
+    cfg = resolve_job(config, overrides, backend, world_size=procs * nnodes, continue_run=continue_run)
+    cfg_dict = _with_continue(cfg.to_dict(), continue_run)
     from contextlib import nullcontext
 
     from engine.runlock import RunLock
@@ -142,7 +146,8 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--backend", default=None)
-def train(args, backend):
+@click.option("--continue", "continue_run", is_flag=True, help="train a finished run further (see engine launch)")
+def train(args, backend, continue_run):
     """Per-rank entry point (also under an external torchrun): engine train CONFIG [KEY=VALUE ...]."""
     from engine.config import load_config
     from engine.worker import run
@@ -154,8 +159,68 @@ def train(args, backend):
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{run_id}")
     if int(os.environ.get("RANK", 0)) == 0:
         from engine.checkpoint import check_output_dir
-        check_output_dir(Path(cfg.output_dir))
-    run(cfg.to_dict())
+        check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
+    run(_with_continue(cfg.to_dict(), continue_run))
+
+
+def _with_continue(cfg_dict: dict, continue_run: bool) -> dict:
+    from engine.worker import CONTINUE_KEY
+    return {**cfg_dict, CONTINUE_KEY: True} if continue_run else cfg_dict
+
+
+@main.command("eval", context_settings={"ignore_unknown_options": True})
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", default=None, help="eval set: file, GLUE folder (its dev set) or hub name; "
+              "default: the run's validation set")
+@click.option("--glue-task", default=None, help="mrpc, sst2, ...: columns, labels and official metrics "
+              "(implies classification)")
+@click.option("--task", type=click.Choice(["causal_lm", "classification"]), default=None,
+              help="default: from the model's head (*ForSequenceClassification = classification) or the run")
+@click.option("--output", default=None, help="metrics JSON (default ./eval-<timestamp>.json); never overwritten")
+@click.option("--predictions", default=None, help="per-example JSONL: index, prediction, label, logits, "
+              "probabilities (classification) or loss, tokens (causal LM)")
+@click.option("--batch-size", type=int, default=None, help="per process (default: the run's eval batch)")
+@click.option("--gpus", type=int, default=None, help="GPUs, one process each (default: all; 0 = CPU processes)")
+@click.option("--nproc", type=int, default=None, help="CPU processes when --gpus 0 (default 1)")
+@click.option("--master-port", type=int, default=None, help="default: a free port")
+def eval_(source, overrides, data, glue_task, task, output, predictions, batch_size, gpus, nproc, master_port):
+    """Score a model without training: engine eval MODEL_DIR|RUN_DIR|RUN/checkpoints/step-N [--data ...]
+    [KEY=VALUE ...]. Metrics (eval loss + perplexity, or the GLUE task's) go to --output and stdout."""
+    from engine import evaluate as ev
+    from engine.metrics import log
+
+    present = _gpu_count()
+    gpus = present if gpus is None else gpus
+    if gpus < 0 or (nproc is not None and nproc < 1) or (batch_size is not None and batch_size < 1):
+        raise EngineError("--gpus must be >= 0, --nproc >= 1 and --batch-size >= 1")
+    if gpus > present:
+        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)")
+    if gpus > 0 and nproc is not None and nproc != gpus:
+        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
+    procs = gpus if gpus > 0 else (nproc or 1)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise EngineError(f"unexpected argument {bad[0]!r}: give one model/run/checkpoint and KEY=VALUE overrides")
+    output = output or ev.default_output()
+    ev.check_new_file(output, "--output")
+    ev.check_new_file(predictions, "--predictions")
+    if predictions and Path(predictions).resolve() == Path(output).resolve():
+        raise EngineError("--output and --predictions must be different files")
+    src = ev.resolve_source(source)
+    cfg = ev.build_config(src, data=data, glue_task=glue_task, task=task, batch_size=batch_size,
+                          overrides=list(overrides))
+    n = ev.preflight(cfg, src)
+    log(f"evaluating {src.model or src.checkpoint} ({cfg.task}) on {n} examples with {procs} process(es)")
+    job = ev.make_job(src, cfg, output, predictions)
+    if procs == 1:
+        ev.run(job)
+        return
+    from backends.host import free_port
+    from launch.torchrun import launch as torchrun_launch
+    threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
+    torchrun_launch(job, nproc=procs, master_port=master_port or free_port(), threads_per_proc=threads,
+                    entry=ev.run_and_exit)
 
 
 @main.command()

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from backends.base import Backend, SchedulerSpec
 from backends.host import current_rss_mb
-from engine.checkpoint import (RunState, barrier, latest_checkpoint, load_checkpoint, save_checkpoint,
-                               seed_everything, write_run_status)
+from engine.checkpoint import (RunState, barrier, kept_export_dir, latest_checkpoint, load_checkpoint, run_status,
+                               save_checkpoint, seed_everything, write_run_status)
 from engine.config import Config
 from engine.errors import EngineError
 from engine.metrics import MetricsLog, Progress, log
@@ -77,13 +77,15 @@ def plan_run(cfg: Config, n_train: int, dp_size: int, main: bool) -> Plan:
 
 
 def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model, tokenizer,
-          output_dir: Path) -> dict:
+          output_dir: Path, continue_run: bool = False) -> dict:
     t = cfg.train
     plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
     rss_before_setup = current_rss_mb()
     backend.setup(build_model, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
     state, resumed_from = _resume(backend, output_dir, plan)
+    if continue_run:
+        _continue_finished(cfg, backend, Path(output_dir), state, plan)
     if backend.is_main:
         write_run_status(output_dir, "running", step=state.step, total_steps=plan.total_steps)
         log(f"backend {cfg.backend.name} {backend.describe()} | {backend.dp_size} data-parallel ranks | global batch "
@@ -135,6 +137,28 @@ def _resume(backend: Backend, output_dir: Path, plan: Plan) -> tuple[RunState, P
             log(f"warning: global batch changed from {state.global_batch} to {plan.global_batch} on resume")
         state.global_batch, state.dp_size = plan.global_batch, backend.dp_size
     return state, resume_from
+
+
+def _continue_finished(cfg: Config, backend: Backend, output_dir: Path, state: RunState, plan: Plan) -> None:
+    """`--continue`: train a finished run further. The scheduler was built for the new total and
+    load_state restored its step, so the schedule continues from where the NEW schedule stands at
+    the finished step (not from the old one's end value, 0 after a linear decay). The finished
+    run's model/ export is kept as model-step-N/ before anything can overwrite it."""
+    if state.step >= plan.total_steps:
+        raise EngineError(f"--continue: the run finished at step {state.step}; train.max_steps / train.epochs "
+                          f"give {plan.total_steps} steps, which must be more")
+    lr = backend.realign_schedule()
+    if backend.is_main and run_status(output_dir) == "finished":  # not when a restarted worker comes back
+        export, kept = output_dir / "model", kept_export_dir(output_dir, state.step)
+        if export.exists():
+            if kept.exists():
+                raise EngineError(f"--continue: {kept} already exists; move it away first")
+            export.rename(kept)
+        log(f"continuing a finished run from step {state.step} to {plan.total_steps}: the {cfg.train.scheduler} "
+            f"schedule is rebuilt for {plan.total_steps} steps and resumes at step {state.step}"
+            + (f" (lr {lr:.3g})" if lr is not None else "")
+            + (f"; its model/ export is kept as {kept.name}/" if kept.exists() else ""))
+    barrier()
 
 
 def _periodic(every: int, step: int, total_steps: int) -> bool:
@@ -237,29 +261,37 @@ def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
 
 
 def _evaluate(run: Run) -> dict:
-    backend, data, task = run.backend, run.data, run.task
-    if data.eval is None:
+    if run.data.eval is None:
         return {}
-    backend.train_mode(False)
     size = run.cfg.train.eval_batch_size or run.cfg.train.micro_batch_size
-    # each example on exactly one data-parallel rank: no padding, no duplicates
-    mine = list(range(backend.dp_rank, len(data.eval), backend.dp_size))
-    state = task.eval_init()
-    # every rank runs the same number of forwards (that of the rank with the most examples):
-    # backends that shard parameters (ZeRO-3) gather them collectively inside the forward
-    n_batches = math.ceil(math.ceil(len(data.eval) / backend.dp_size) / size)
-    for start in range(0, n_batches * size, size):
-        chunk = mine[start:start + size] or [0]  # a rank that has run out: a forward whose result is discarded
-        batch = _to_device(task.collate([data.eval[i] for i in chunk]), backend.device)
-        logits = backend.eval_forward({k: v for k, v in batch.items() if k != "labels"})
-        if mine[start:start + size]:
-            task.eval_update(state, logits, batch, chunk)
-    results = task.eval_finish(state, run.collective, backend.device)
+    results = evaluate_examples(run.backend, run.task, run.data.eval, size, run.collective)
     run.metrics.write("eval", run.state.step, **results)
-    if backend.is_main:
+    if run.backend.is_main:
         log(f"eval @ step {run.state.step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in results.items()))
     return results
+
+
+def evaluate_examples(backend: Backend, task: Task, examples, size: int, collective: Collective,
+                      on_batch=None) -> dict:
+    """The task's metrics over `examples`, each scored on exactly one data-parallel rank (no
+    padding, no duplicates), reduced over ranks by the task. Used by the loop's eval and by
+    `engine eval`; on_batch(logits, batch, indices) sees each real batch (per-example output)."""
+    backend.train_mode(False)
+    mine = list(range(backend.dp_rank, len(examples), backend.dp_size))
+    state = task.eval_init()
+    # every rank runs the same number of forwards (that of the rank with the most examples):
+    # backends that shard parameters (ZeRO-3) gather them collectively inside the forward
+    n_batches = math.ceil(math.ceil(len(examples) / backend.dp_size) / size)
+    for start in range(0, n_batches * size, size):
+        chunk = mine[start:start + size] or [0]  # a rank that has run out: a forward whose result is discarded
+        batch = _to_device(task.collate([examples[i] for i in chunk]), backend.device)
+        logits = backend.eval_forward({k: v for k, v in batch.items() if k != "labels"})
+        if mine[start:start + size]:
+            task.eval_update(state, logits, batch, chunk)
+            if on_batch is not None:
+                on_batch(logits, batch, chunk)
+    return task.eval_finish(state, collective, backend.device)
 
 
 def _collective(backend: Backend) -> Collective:

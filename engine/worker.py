@@ -45,8 +45,12 @@ def oom_advice(cfg) -> str:
     return "out of GPU memory; what would fit instead: " + "; or ".join(hints)
 
 
+CONTINUE_KEY = "_continue"  # set in the config dict by `--continue`; not a config key
+
+
 def run(cfg_dict: dict) -> dict:
-    """Run one rank of a training job described by a resolved config dict."""
+    """Run one rank of a training job described by a resolved config dict (plus CONTINUE_KEY:
+    train a finished run further, `engine launch --continue`)."""
     from backends.base import backend_class
     from engine.config import config_from_dict, validate
     from engine.loop import train
@@ -57,6 +61,8 @@ def run(cfg_dict: dict) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from engine import warn_once
     warn_once.install()  # library warnings once per process, not once per step
+    cfg_dict = dict(cfg_dict)
+    continue_run = bool(cfg_dict.pop(CONTINUE_KEY, False))
     cfg = config_from_dict(cfg_dict)
     validate(cfg)
     testhooks.write_pid()
@@ -76,7 +82,7 @@ def run(cfg_dict: dict) -> dict:
         if dist.is_initialized():
             dist.barrier()
         return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
-                     tokenizer, output_dir)
+                     tokenizer, output_dir, continue_run=continue_run)
     except torch.OutOfMemoryError:
         raise EngineError(oom_advice(cfg)) from None
     finally:

@@ -16,7 +16,9 @@ from engine.errors import EngineError, Interrupted
 
 def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int, max_restarts: int = 0,
-           threads_per_proc: int | None = None, rdzv_timeout: int = 900) -> None:
+           threads_per_proc: int | None = None, rdzv_timeout: int = 900, entry=None) -> None:
+    """entry: the per-rank function called with cfg_dict (default engine.worker.run_and_exit;
+    `engine eval` passes engine.evaluate.run_and_exit). It must exit 2 after printing a one-line error."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -47,7 +49,7 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         # the address other nodes use to reach worker rank 0's store when rank 0 is here
         local_addr="127.0.0.1" if nnodes == 1 else (master_addr if node_rank == 0 else None))
     try:
-        elastic_launch(config, run_and_exit)(cfg_dict)
+        elastic_launch(config, entry or run_and_exit)(cfg_dict)
     except (DistError, RendezvousError) as e:  # the agents' rendezvous (node 0 hosts its TCP store)
         if nnodes == 1:
             raise EngineError(f"could not start the local process group: {_first_line(e)}") from None
@@ -68,7 +70,8 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
             raise Interrupted(f"rank {rank} stopped on {signal.Signals(failure.exitcode - 128).name} after writing "
                               f"a checkpoint; relaunch the same command to resume", failure.exitcode - 128) from None
         if failure.exitcode == 2:  # the worker already printed the one-line reason
-            raise EngineError(f"training stopped on rank {rank} (see the error above)") from None
+            raise EngineError(f"{'training' if entry is None else 'the job'} stopped on rank {rank} "
+                              "(see the error above)") from None
         raise EngineError(f"worker rank {rank} failed with exit code {failure.exitcode}"
                           + (f" after {max_restarts} restarts" if max_restarts else "")
                           + "; its traceback is above") from None

@@ -55,6 +55,11 @@ class Task(ABC):
     @abstractmethod
     def eval_finish(self, state: dict, collective: Collective, device) -> dict[str, float]: ...
 
+    def example_records(self, logits: torch.Tensor, batch: dict, indices: list[int]) -> list[dict]:
+        """One JSON-able record per example of an eval batch (`engine eval --predictions`), keyed by
+        `index` (position in the eval set), computed as eval_update scores it."""
+        raise NotImplementedError(f"task {self.name} writes no per-example predictions")
+
     @staticmethod
     def tokens_in(batch: dict) -> int:
         mask = batch.get("attention_mask")

@@ -86,6 +86,15 @@ class CausalLMTask(Task):
         state["loss_sum"] += float(loss)
         state["tokens"] += int((shift_labels != -100).sum())
 
+    def example_records(self, logits, batch, indices) -> list[dict]:
+        # per-example mean token loss; sum(loss x tokens) / sum(tokens) is the eval_loss
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        mask = shift_labels != -100
+        sums, counts = (losses * mask).sum(1).cpu().tolist(), mask.sum(1).cpu().tolist()
+        return [{"index": i, "loss": s / max(n, 1), "tokens": n} for i, s, n in zip(indices, sums, counts)]
+
     def eval_finish(self, state, collective: Collective, device) -> dict[str, float]:
         t = collective.all_reduce_sum(torch.tensor([state["loss_sum"], float(state["tokens"])],
                                                    dtype=torch.float64, device=device))

@@ -129,6 +129,17 @@ class ClassificationTask(Task):
         state["label"].extend(labels.cpu().tolist())
         state["loss"].extend(losses.cpu().tolist())
 
+    def example_records(self, logits, batch, indices) -> list[dict]:
+        logits = logits.float()
+        labels = batch["labels"].cpu().tolist()
+        if self.num_labels == 1:  # regression: the prediction is the score
+            preds = logits[:, 0].cpu().tolist()
+            return [{"index": i, "prediction": p, "label": lab} for i, p, lab in zip(indices, preds, labels)]
+        preds = logits.argmax(-1).cpu().tolist()
+        probs = torch.softmax(logits.double(), -1).cpu().tolist()  # sums to 1 in the file
+        return [{"index": i, "prediction": p, "label": lab, "logits": lg, "probabilities": pr}
+                for i, p, lab, lg, pr in zip(indices, preds, labels, logits.cpu().tolist(), probs)]
+
     def eval_finish(self, state, collective: Collective, device) -> dict[str, float]:
         # each example scored once: gather (index, pred, label, loss) and dedupe by index
         merged = {}

@@ -1,0 +1,267 @@
+"""`engine eval`: score a model, a run or a checkpoint on an eval set without training.
+
+What is evaluated (SOURCE):
+- an HF model folder (e.g. RUN/model, RUN/model-step-N, or any save_pretrained folder) or a hub id;
+  when the folder sits in a run directory, that run's config.yaml gives the defaults;
+- a run directory: its model/ export, with its config.yaml for task, data and batch defaults;
+- a checkpoint RUN/checkpoints/step-N written by the ddp backend (model.safetensors is the plain
+  state dict): the run's model config built as in training, plus those weights. Other backends'
+  checkpoints are sharded/native: one line saying to evaluate the run's model/ export.
+
+Scoring is the training loop's own eval (engine.loop.evaluate_examples): every example on exactly
+one rank, reduced through the task, so 1 and N processes give the same metrics, and the same as
+the run's logged eval on the same eval set. The ranks run the ddp backend; one process runs
+in-process, several go through the torchrun launcher like `engine launch`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from engine.errors import EngineError
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+
+
+@dataclass
+class Source:
+    kind: str                      # model | run | checkpoint | hub
+    model: str | None              # HF folder or hub id to from_pretrained (None for a checkpoint)
+    run_dir: Path | None = None    # the run whose config.yaml gives defaults
+    checkpoint: Path | None = None
+    step: int | None = None        # the checkpoint's / finished run's step when known
+
+
+def _run_config(run_dir: Path) -> dict:
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise EngineError(f"cannot read the run config {run_dir / 'config.yaml'}: {e}") from None
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "run.json").is_file() or (path / "checkpoints").is_dir())
+
+
+def resolve_source(arg: str) -> Source:
+    from engine.checkpoint import STATE_FILE, finished_step
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        if (p / STATE_FILE).is_file() and p.parent.name == "checkpoints":
+            run_dir = p.parent.parent
+            if not _is_run(run_dir):
+                raise EngineError(f"checkpoint {p}: its run directory {run_dir} has no config.yaml")
+            backend = (_run_config(run_dir).get("backend") or {}).get("name", "ddp")
+            if backend != "ddp" or not (p / "model.safetensors").is_file():
+                raise EngineError(f"checkpoint {p} was written by the {backend} backend in its own (sharded) format; "
+                                  f"evaluate the run's consolidated export instead: engine eval {run_dir / 'model'}")
+            step = json.loads((p / STATE_FILE).read_text()).get("step")
+            return Source("checkpoint", None, run_dir, p, step)
+        if _is_run(p):
+            if not (p / "model" / "config.json").is_file():
+                raise EngineError(f"run {p} has no model/ export (not finished, or train.save_final=false); "
+                                  f"evaluate one of its checkpoints: engine eval {p / 'checkpoints' / 'step-N'}")
+            return Source("run", str(p / "model"), p, None, finished_step(p))
+        if (p / "config.json").is_file():
+            run_dir = p.parent if _is_run(p.parent) else None
+            return Source("model", str(p), run_dir)
+        raise EngineError(f"{p} is not an HF model folder (no config.json), a run directory (no config.yaml) "
+                          "or a checkpoint directory (checkpoints/step-N)")
+    if p.exists() or arg.startswith((".", "/", "~")) or arg.count("/") > 1:
+        raise EngineError(f"model, run or checkpoint not found: {arg}")
+    return Source("hub", arg)
+
+
+def _architectures(model: str) -> list[str]:
+    from transformers import AutoConfig
+    try:
+        return list(AutoConfig.from_pretrained(model).architectures or [])
+    except (OSError, ValueError) as e:
+        raise EngineError(f"model {model!r} could not be configured: {str(e).splitlines()[0]}") from None
+
+
+def build_config(source: Source, *, data: str | None, glue_task: str | None, task: str | None,
+                 batch_size: int | None, overrides: list[str]):
+    """The run config an eval runs under: the run's own (when there is one) with the model, data
+    and task settled from SOURCE and the options; KEY=VALUE overrides last."""
+    from engine.config import apply_override, config_from_dict, validate
+
+    raw = _run_config(source.run_dir) if source.run_dir else {}
+    raw.pop("output_dir", None)
+    raw["backend"] = {"name": "ddp"}
+    archs = _architectures(source.model) if source.model else []
+    if task is None:
+        if glue_task or any(a.endswith("ForSequenceClassification") for a in archs):
+            task = "classification"
+        elif archs:
+            task = "causal_lm"
+        else:
+            task = raw.get("task", "causal_lm")
+    raw["task"] = task
+    if source.model is not None:
+        model_dir = Path(source.model)
+        has_tokenizer = any((model_dir / f).is_file() for f in TOKENIZER_FILES) or source.kind == "hub"
+        old_tokenizer = raw.get("tokenizer") or (raw.get("model") or {}).get("name_or_path")
+        raw["model"] = {**{k: v for k, v in (raw.get("model") or {}).items() if k in ("trust_remote_code",
+                                                                                        "attn_implementation")},
+                        "name_or_path": source.model}
+        raw["tokenizer"] = source.model if has_tokenizer or not old_tokenizer else old_tokenizer
+    d = dict(raw.get("data") or {})
+    if data is not None:
+        for key in ("validation_split", "max_train_samples", "max_eval_samples", "hub_config"):
+            d.pop(key, None)
+        d["train"] = d["validation"] = data
+    elif source.run_dir is None:
+        raise EngineError("--data is required: there is no run config to take the eval set from "
+                          "(a .txt/.csv/.jsonl/.tsv file, a GLUE folder or a hub dataset name)")
+    if glue_task is not None:
+        d["glue_task"] = glue_task
+    if task != "classification":
+        d.pop("glue_task", None)
+    raw["data"] = d
+    t = dict(raw.get("train") or {})
+    t.update(compile=False, gradient_checkpointing=False)
+    if batch_size is not None:
+        t["eval_batch_size"] = batch_size
+    raw["train"] = t
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    if cfg.task == "classification" and archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise EngineError(f"{source.model} is a {archs[0]} with no classification head: evaluating it for "
+                          "classification would score a randomly initialised head (drop --glue-task/--task, "
+                          "or pass a *ForSequenceClassification model)")
+    if cfg.task == "causal_lm" and any(a.endswith("ForSequenceClassification") for a in archs):
+        raise EngineError(f"{source.model} is a {archs[0]}, not a causal LM; evaluate it with --task classification")
+    return cfg
+
+
+def preflight(cfg, source: Source) -> int:
+    """Data, tokenizer and model config checked before any process starts; returns the eval set size."""
+    from engine.worker import prepare_run
+    _, _, data, conf = prepare_run(cfg)
+    if data.eval is None or len(data.eval) == 0:
+        raise EngineError("there is no eval set: the run had no validation data; pass --data FILE")
+    if source.model is not None and cfg.task == "classification":
+        from transformers import AutoConfig
+        saved = AutoConfig.from_pretrained(source.model, trust_remote_code=cfg.model.trust_remote_code).num_labels
+        if saved != data.num_labels:
+            raise EngineError(f"{source.model} has {saved} labels but the eval data has {data.num_labels}")
+    return len(data.eval)
+
+
+def check_new_file(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists():
+        raise EngineError(f"{option} {p} already exists; pass another path or delete it (it is never overwritten)")
+    if not p.parent.is_dir():
+        raise EngineError(f"{option} {p}: folder {p.parent} does not exist")
+
+
+def _builder(cfg, conf, auto_class, source: Source):
+    def build() -> torch.nn.Module:
+        extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+        if source.checkpoint is not None:
+            from safetensors.torch import load_model
+            model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                                           **extra)
+            try:
+                load_model(model, str(source.checkpoint / "model.safetensors"), strict=True)
+            except RuntimeError as e:
+                raise EngineError(f"checkpoint {source.checkpoint} does not fit the run's model config: "
+                                  f"{str(e).splitlines()[0]}") from None
+            return model
+        model, info = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                                 trust_remote_code=cfg.model.trust_remote_code,
+                                                 output_loading_info=True, **extra)
+        if info.get("missing_keys"):
+            raise EngineError(f"{cfg.model.name_or_path} lacks weights for {len(info['missing_keys'])} parameters "
+                              f"(e.g. {sorted(info['missing_keys'])[0]}): they would be scored randomly initialised")
+        return model
+    return build
+
+
+def run(job: dict) -> dict:
+    """One rank of an eval job (also the whole job on one process)."""
+    from backends.base import SchedulerSpec, backend_class
+    from engine.config import config_from_dict, validate
+    from engine.loop import _collective, evaluate_examples
+    from engine.metrics import log
+    from engine.worker import prepare_run
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = config_from_dict(job["config"])
+    validate(cfg)
+    source = Source(**{**job["source"], "run_dir": None,
+                       "checkpoint": Path(job["source"]["checkpoint"]) if job["source"]["checkpoint"] else None})
+    backend_cls = backend_class("ddp")
+    owns_process_group = not dist.is_initialized()
+    backend_cls.init_distributed()
+    backend = None
+    try:
+        task, _, data, conf = prepare_run(cfg)
+        backend = backend_cls(cfg.training_spec(), cfg.backend_options("ddp"))
+        torch.manual_seed(cfg.train.seed)
+        backend.setup(_builder(cfg, conf, task.auto_model_class(), source), SchedulerSpec("constant", 0, 1))
+        records: list[dict] = []
+        on_batch = ((lambda logits, batch, idx: records.extend(task.example_records(logits, batch, idx)))
+                    if job["predictions"] else None)
+        collective = _collective(backend)
+        size = cfg.train.eval_batch_size or cfg.train.micro_batch_size
+        results = evaluate_examples(backend, task, data.eval, size, collective, on_batch)
+        if job["predictions"]:
+            records = sorted((r for part in collective.all_gather_object(records) for r in part),
+                             key=lambda r: r["index"])
+        if backend.is_main:
+            report = {"metrics": results, "task": cfg.task, "evaluated": job["source"]["model"] or str(source.checkpoint),
+                      "source": source.kind, "step": source.step, "data": cfg.data.validation or cfg.data.train,
+                      "glue_task": cfg.data.glue_task, "eval_examples": len(data.eval),
+                      "processes": backend.dp_size, "predictions": job["predictions"]}
+            if job["predictions"]:
+                with open(job["predictions"], "x") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+            with open(job["output"], "x") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
+            log("eval: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+            log(f"written to {job['output']}" + (f" and {job['predictions']}" if job["predictions"] else ""))
+            print(json.dumps(report, indent=1), flush=True)
+        return results
+    except torch.OutOfMemoryError:
+        raise EngineError("out of GPU memory; pass a smaller --batch-size") from None
+    finally:
+        if backend is not None:
+            backend.close()
+        if owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_and_exit(job: dict) -> None:
+    """Entry for launched eval processes: a bad-input error is one line on stderr and exit code 2."""
+    try:
+        run(job)
+    except EngineError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def default_output() -> str:
+    return f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def make_job(source: Source, cfg, output: str, predictions: str | None) -> dict:
+    return {"config": cfg.to_dict(), "output": output, "predictions": predictions,
+            "source": {"kind": source.kind, "model": source.model, "step": source.step,
+                       "checkpoint": str(source.checkpoint) if source.checkpoint else None}}
