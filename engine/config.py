@@ -78,6 +78,7 @@ class TrainConfig:
     log_every: int = 10
     stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
     save_final: bool = True           # false: no final checkpoint and no model export (benchmarks)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
 
 
 @dataclass
@@ -315,6 +316,10 @@ def validate(cfg: Config) -> None:
         raise EngineError("set train.max_steps or a positive train.epochs")
     if not 0 <= d.validation_split < 1:
         raise EngineError(f"data.validation_split must be in [0, 1), got {d.validation_split}")
+    from engine.trackers import TRACKERS, require_trackers
+    for name in t.report_to:
+        _choice(name, tuple(TRACKERS), "train.report_to")
+    require_trackers(t.report_to)
     if d.glue_task is not None:
         _choice(d.glue_task, tuple(GLUE_TASKS), "data.glue_task")
         if cfg.task != "classification":

@@ -89,8 +89,12 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         log(f"backend {cfg.backend.name} {backend.describe()} | {backend.dp_size} data-parallel ranks | global batch "
             f"{plan.global_batch} | {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
             + (f" | resumed from {resumed_from.name}" if resumed_from else ""))
+    trackers = []
+    if backend.is_main and t.report_to:
+        from engine.trackers import open_trackers
+        trackers = open_trackers(t.report_to, Path(output_dir), cfg.to_dict(), state.step)
     run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
-              MetricsLog(output_dir, state.step, enabled=backend.is_main), _collective(backend))
+              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), _collective(backend))
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
 
     window = Window(backend.device, task)
