@@ -15,12 +15,15 @@ from helpers import MRPC, metrics
 STEPS = 4
 
 
+def job_args(model, out, *extra) -> list[str]:
+    return ["task=classification", f"model.name_or_path={model}", f"data.train={MRPC}", "data.glue_task=mrpc",
+            "data.block_size=64", "data.max_train_samples=64", "data.max_eval_samples=16",
+            "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.lr=3e-3", "train.log_every=1",
+            "train.eval_every=2", "train.save_final=false", f"output_dir={out}", *extra]
+
+
 def job(model, out, *extra):
-    return load_config(None, ["task=classification", f"model.name_or_path={model}", f"data.train={MRPC}",
-                              "data.glue_task=mrpc", "data.block_size=64", "data.max_train_samples=64",
-                              "data.max_eval_samples=16", "train.micro_batch_size=4", f"train.max_steps={STEPS}",
-                              "train.lr=3e-3", "train.log_every=1", "train.eval_every=2", "train.save_final=false",
-                              f"output_dir={out}", *extra])
+    return load_config(None, job_args(model, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,21 @@ def test_unknown_or_missing_tracker_is_one_line_before_running(tiny_gpt2, tmp_pa
                                           "not installed: pip install wandb"):
         job(tiny_gpt2, tmp_path / "x", "train.report_to=[wandb]")
     assert not (tmp_path / "x").exists()
+
+
+def test_two_processes_reduce_accuracy_over_ranks_and_only_rank0_reports(tiny_gpt2, tmp_path):
+    """2 CPU processes x micro-batch 4 against 1 process x grad_accum 2: the same examples per step,
+    so the same train_accuracy (summed over both ranks, not rank 0's half); one TensorBoard writer."""
+    from helpers import run_engine
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["train.max_steps=3", "train.eval_every=0", "train.report_to=[tensorboard]"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    run_engine(["launch", "--gpus", "0", "--nproc", "2", *job_args(tiny_gpt2, two, *args)])
+    run(job(tiny_gpt2, one, *args, "train.grad_accum=2").to_dict())
+    got, ref = jsonl_series(two, "train", "train_accuracy"), jsonl_series(one, "train", "train_accuracy")
+    assert len(got) == 3 and got == ref
+    assert all(round(a * 8) == a * 8 for _, a in got)  # a count out of the global batch of 8
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(two / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/accuracy")] == got  # eighths: exact in float32
