@@ -16,7 +16,8 @@ they go, unless the libraries' own environment variables say otherwise:
   experiment $MLFLOW_EXPERIMENT_NAME or "engine"
 A resumed run continues the same wandb and MLflow runs (their ids are kept in
 OUTPUT_DIR/trackers.json), and TensorBoard drops the events past the resumed step, as
-metrics.jsonl does.
+metrics.jsonl does. When the previous session logged steps past its last checkpoint (it crashed
+or had no final save), W&B and MLflow cannot take those points back: they start new runs.
 """
 from __future__ import annotations
 
@@ -71,13 +72,46 @@ def open_trackers(names: list[str], output_dir: Path, config: dict, resume_step:
     state_path = output_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     run_name = output_dir.resolve().name
+    if state.get("logged_step", 0) > resume_step and ("wandb" in state or "mlflow" in state):
+        # a session ended after its last checkpoint: W&B and MLflow cannot take back the points it
+        # logged past the step resumed from, so they start new runs (TensorBoard purges them)
+        from engine.metrics import log
+        log(f"trackers: steps {resume_step + 1}-{state['logged_step']} were logged after the last checkpoint; "
+            "W&B and MLflow start new runs from here")
+        state.pop("wandb", None)
+        state.pop("mlflow", None)
+    state["logged_step"] = resume_step
     trackers: list[Tracker] = []
     for name in dict.fromkeys(names):  # in order, once each
         tracker = _OPENERS[name](output_dir, run_name, state, resume_step)
         tracker.log_config(config)
         trackers.append(tracker)
-    state_path.write_text(json.dumps(state, indent=1) + "\n")
-    return trackers
+    recorder = _StateRecorder(state_path, state)
+    recorder.write()
+    return trackers + [recorder]
+
+
+class _StateRecorder:
+    """Keeps OUTPUT_DIR/trackers.json: the wandb/MLflow run ids and the last step sent to them."""
+
+    def __init__(self, path: Path, state: dict) -> None:
+        self.path, self.state = path, state
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def log_config(self, config: dict) -> None:
+        pass
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if step > self.state["logged_step"]:
+            self.state["logged_step"] = step
+            self.write()
+
+    def close(self) -> None:
+        pass
 
 
 class TensorBoardTracker:

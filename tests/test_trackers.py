@@ -166,3 +166,34 @@ def test_two_processes_reduce_accuracy_over_ranks_and_only_rank0_reports(tiny_gp
     acc = EventAccumulator(str(two / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/accuracy")] == got  # eighths: exact in float32
+
+
+def test_a_resumed_run_continues_the_same_tracker_runs(tiny_gpt2, tmp_path, monkeypatch):
+    """Relaunched in the same output_dir: MLflow goes on in the same run when the previous session
+    stopped at a checkpoint, starts a new one when it logged past its last checkpoint; TensorBoard's
+    series (old event files included) always equals metrics.jsonl's."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out, extra = tmp_path / "run", ("train.report_to=[tensorboard, mlflow]", "train.eval_every=0")
+    # a session that logged steps 1-3 but checkpointed only step 2 (as after a crash): its step 3
+    # is redone, so MLflow starts a second run; TensorBoard purges the old step 3
+    run(job(tiny_gpt2, out, *extra, "train.save_every=2", "train.stop_at_step=3").to_dict())
+    crashed_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    # a clean stop at step 3 (final checkpoint there): the relaunch goes on in the same run
+    run(job(tiny_gpt2, out, *extra, "train.save_every=2", "train.save_final=true", "train.stop_at_step=3").to_dict())
+    first_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert first_id != crashed_id
+    run(job(tiny_gpt2, out, *extra, "train.save_final=true").to_dict())
+    assert json.loads((out / "trackers.json").read_text()) == {"mlflow": first_id, "logged_step": 4}
+    want = jsonl_series(out, "train", "loss")
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("engine").experiment_id])) == 2
+    assert sorted((m.step, m.value) for m in client.get_metric_history(first_id, "train/loss")) == want[2:]
+    assert client.get_run(first_id).info.status == "FINISHED"
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
