@@ -40,7 +40,6 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.trackers and event in self.TRACKED_EVENTS:
-            from engine.trackers import tracker_values
             values = tracker_values(event, values)
             for tracker in self.trackers:
                 tracker.log(step, values)
@@ -51,6 +50,17 @@ class MetricsLog:
             for tracker in self.trackers:
                 tracker.close()
             self.trackers = []
+
+
+def tracker_values(event: str, values: dict) -> dict[str, float]:
+    """An event's numbers under tracker names: train + {loss, train_accuracy} -> train/loss, train/accuracy."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        short = key[len(event) + 1:] if key.startswith(f"{event}_") else key
+        out[f"{event}/{short}"] = float(value)
+    return out
 
 
 class Progress:

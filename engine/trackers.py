@@ -55,17 +55,6 @@ def require_trackers(names: list[str]) -> None:
                               f"pip install {package}")
 
 
-def tracker_values(event: str, values: dict) -> dict[str, float]:
-    """An event's numbers under tracker names: train + {loss, train_accuracy} -> train/loss, train/accuracy."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        short = key[len(event) + 1:] if key.startswith(f"{event}_") else key
-        out[f"{event}/{short}"] = float(value)
-    return out
-
-
 def open_trackers(names: list[str], output_dir: Path, config: dict, resume_step: int) -> list[Tracker]:
     """Start the named trackers for this run (rank 0 only) and log the resolved config to each."""
     output_dir = Path(output_dir)
