@@ -68,6 +68,13 @@ class StepInfo:
 
 
 @dataclass
+class ForwardOutput:
+    """What forward_backward gives back: device tensors, detached, never read on the host here."""
+    loss: torch.Tensor                   # unscaled loss of the micro-batch (not divided by grad_accum)
+    logits: torch.Tensor | None = None   # only when asked for (return_logits) and this backend can
+
+
+@dataclass
 class BackendSpec:
     name: str
     module: str             # import path of the module holding the class
@@ -132,12 +139,16 @@ class Backend(ABC):
 
     # -- training ---------------------------------------------------------------------------
     @abstractmethod
-    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], sync_grads: bool,
+                         return_logits: bool = False) -> ForwardOutput:
         """Forward on one micro-batch (with `labels`), backward of loss / grad_accum.
 
         `sync_grads` is False for all but the last micro-batch of an accumulation window so
         backends can skip the gradient all-reduce. Returns the detached, unscaled loss as a device
-        tensor (no host sync)."""
+        tensor (no host sync) and, when `return_logits` and the backend can, the detached logits
+        of this micro-batch on this rank (for training metrics such as accuracy; callers ask only
+        for small heads: a causal LM's logits are batch x sequence x vocabulary). A backend that
+        cannot (logits on another rank, e.g. the last pipeline stage) returns logits=None."""
 
     @abstractmethod
     def step(self) -> StepInfo:

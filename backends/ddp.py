@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import Backend, SchedulerSpec, StepInfo, register_backend
+from backends.base import Backend, ForwardOutput, SchedulerSpec, StepInfo, register_backend
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -37,13 +37,13 @@ class DDPBackend(Backend):
         self.scheduler = build_scheduler(self.optimizer, scheduler)
         self.precision = AmpPrecision(self.spec.precision, self.device)
 
-    def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False) -> ForwardOutput:
         skip_sync = not sync_grads and isinstance(self.ddp, DistributedDataParallel)
         with self.ddp.no_sync() if skip_sync else nullcontext():
             with self.precision.autocast():
-                loss = self.model(**batch).loss
-            self.precision.scale(loss / self.spec.grad_accum).backward()
-        return loss.detach()
+                out = self.model(**batch)
+            self.precision.scale(out.loss / self.spec.grad_accum).backward()
+        return ForwardOutput(out.loss.detach(), out.logits.detach() if return_logits else None)
 
     def step(self) -> StepInfo:
         grad_norm, skipped = self.precision.clip_and_step(self.optimizer, self.module.parameters(),

@@ -446,12 +446,13 @@ class DeepSpeedBackend(Backend):
         self._grad_norm_fallback = not hasattr(self.engine.optimizer, "_global_grad_norm")
 
     # -- training ---------------------------------------------------------------------------
-    def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False):
+        from backends.base import ForwardOutput
         # the loop's accumulation window is DeepSpeed's: reduce (stage 0/1) and step only at its end
         self.engine.set_gradient_accumulation_boundary(sync_grads)
-        loss = self.engine(**batch).loss
-        self.engine.backward(loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
-        return loss.detach().float()
+        out = self.engine(**batch)
+        self.engine.backward(out.loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
+        return ForwardOutput(out.loss.detach().float(), out.logits.detach() if return_logits else None)
 
     def step(self) -> StepInfo:
         self.engine.set_gradient_accumulation_boundary(True)

@@ -128,6 +128,7 @@ class TrainConfig:
     log_every: int = 10
     stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
     save_final: bool = True           # false: no final checkpoint and no model export (benchmarks)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
 
 
     def warmup_for(self, total_steps: int) -> int:
@@ -404,6 +405,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= d.validation_split < 1:
         raise EngineError(f"data.validation_split must be in [0, 1), got {d.validation_split}")
     _choice(d.format, DATA_FORMATS, "data.format")
+    from engine.trackers import TRACKERS, require_trackers
+    for name in t.report_to:
+        _choice(name, tuple(TRACKERS), "train.report_to")
+    require_trackers(t.report_to)
     if d.glue_task is not None:
         _choice(d.glue_task, tuple(GLUE_TASKS), "data.glue_task")
         if cfg.task != "classification":

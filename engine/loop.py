@@ -58,6 +58,7 @@ class Run:
     state: RunState
     metrics: MetricsLog
     collective: Collective
+    no_train_metrics: bool = False  # the backend returned no training logits (said once)
 
 
 def plan_run(cfg: Config, n_train: int, dp_size: int, main: bool) -> Plan:
@@ -91,11 +92,15 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         log(f"backend {cfg.backend.name} {backend.describe()} | {backend.dp_size} data-parallel ranks | global batch "
             f"{plan.global_batch} | {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
             + (f" | resumed from {resumed_from.name}" if resumed_from else ""))
+    trackers = []
+    if backend.is_main and t.report_to:
+        from engine.trackers import open_trackers
+        trackers = open_trackers(t.report_to, Path(output_dir), cfg.to_dict(), state.step)
     run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
-              MetricsLog(output_dir, state.step, enabled=backend.is_main), _collective(backend))
+              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), _collective(backend))
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
 
-    window = Window(backend.device)
+    window = Window(backend.device, task)
     preemption = Preemption()
     last_saved, finished, last_loss = state.step, True, None
     while state.step < plan.total_steps:
@@ -105,7 +110,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         state.samples_seen += plan.global_batch
         if state.step % t.log_every == 0 or state.step == plan.total_steps:
             last_loss = _log_window(run, window, info, started)  # the one host sync of a step
-            window = Window(backend.device)
+            window = Window(backend.device, task)
         else:
             window.seconds += time.perf_counter() - started
         progress.update(time.perf_counter() - started, **({"loss": f"{last_loss:.4f}"} if last_loss else {}))
@@ -167,11 +172,14 @@ def _periodic(every: int, step: int, total_steps: int) -> bool:
 
 
 class Window:
-    """Sums over the steps since the last log line. Loss stays a device tensor (adding to it
-    queues work, it does not wait); tokens are counted on the host from the collated CPU batch."""
+    """Sums over the steps since the last log line. Loss and the task's training-metric sums
+    (task.train_metrics_init: e.g. correct/count for accuracy, or None) stay device tensors
+    (adding to them queues work, it does not wait); tokens are counted on the host from the
+    collated CPU batch."""
 
-    def __init__(self, device) -> None:
+    def __init__(self, device, task: Task) -> None:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.task_sums = task.train_metrics_init(device)
         self.steps = self.tokens = self.samples = 0
         self.skipped: list = []  # per-step bools or device tensors
         self.seconds = 0.0
@@ -188,8 +196,16 @@ def _train_step(run: Run, window: Window):
     for k in range(plan.accum):
         batch = task.collate([data.train[i] for i in mine[k * plan.micro:(k + 1) * plan.micro]])
         window.tokens += task.tokens_in(batch)  # CPU tensors: no device sync
-        loss = backend.forward_backward(_to_device(batch, backend.device), sync_grads=k == plan.accum - 1)
-        window.loss += loss.double() / plan.accum
+        batch = _to_device(batch, backend.device)
+        out = backend.forward_backward(batch, sync_grads=k == plan.accum - 1,
+                                       return_logits=window.task_sums is not None)
+        window.loss += out.loss.double() / plan.accum
+        if window.task_sums is not None:
+            if out.logits is None:  # this backend cannot give them (e.g. pipeline parallel)
+                _no_train_metrics(run)
+                window.task_sums = None
+            else:
+                task.train_metrics_update(window.task_sums, out.logits, batch)
     info = backend.step()
     window.steps += 1
     window.samples += per_rank
@@ -201,17 +217,27 @@ def _log_window(run: Run, window: Window, info, step_started: float) -> float:
     """Reduce the window over data-parallel ranks (this waits for the device) and write a train event."""
     backend = run.backend
     counts = torch.tensor([window.tokens, window.samples], dtype=torch.float64).to(window.loss.device)
-    sums = torch.cat([window.loss.reshape(1), counts])
+    task_sums = window.task_sums if window.task_sums is not None else counts[:0]
+    sums = torch.cat([window.loss.reshape(1), counts, task_sums])
     sums = run.collective.all_reduce_sum(sums).tolist()
     window.seconds += time.perf_counter() - step_started  # after the sync: the device has caught up
     loss, tokens, samples = sums[0] / (window.steps * backend.dp_size), sums[1], sums[2]
     run.state.tokens_seen += int(tokens)
-    run.metrics.write("train", run.state.step, loss=loss, lr=info.lr, grad_norm=_number(info.grad_norm),
-                      tokens_per_s=tokens / window.seconds, samples_per_s=samples / window.seconds,
+    task_metrics = run.task.train_metrics_finish(sums[3:]) if window.task_sums is not None else {}
+    run.metrics.write("train", run.state.step, loss=loss, **task_metrics, lr=info.lr,
+                      grad_norm=_number(info.grad_norm), tokens_per_s=tokens / window.seconds,
+                      samples_per_s=samples / window.seconds,
                       skipped_steps=sum(int(_number(s)) for s in window.skipped),
                       epoch=round(run.state.step / run.plan.steps_per_epoch, 4),
                       **{k: round(v, 1) for k, v in backend.memory_stats().items()})
     return loss
+
+
+def _no_train_metrics(run: Run) -> None:
+    if not run.no_train_metrics and run.backend.is_main:
+        log("training-set metrics (train_accuracy) are not reported: this backend returns no training "
+            "logits here (pipeline parallel: they live on the last stage)")
+    run.no_train_metrics = True
 
 
 def _number(value):

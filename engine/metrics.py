@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per event), the rank-0 progress bar, and log lines."""
+"""metrics.jsonl (one JSON object per event, the source of truth), the experiment trackers it
+feeds (engine/trackers.py), the rank-0 progress bar, and log lines."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,15 @@ def log(message: str) -> None:
 
 
 class MetricsLog:
-    """Appends events; on resume drops events past the resumed step so plots have no repeats."""
+    """Appends events; on resume drops events past the resumed step so plots have no repeats.
+    Every `train` and `eval` event also goes to the trackers (train.report_to) after it is written."""
 
-    def __init__(self, output_dir: Path, resume_step: int, enabled: bool) -> None:
+    TRACKED_EVENTS = ("train", "eval")
+
+    def __init__(self, output_dir: Path, resume_step: int, enabled: bool, trackers: list = ()) -> None:
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
+        self.trackers = list(trackers) if enabled else []
         if not enabled:
             return
         if self.path.exists():
@@ -34,10 +39,28 @@ class MetricsLog:
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.trackers and event in self.TRACKED_EVENTS:
+            values = tracker_values(event, values)
+            for tracker in self.trackers:
+                tracker.log(step, values)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+            for tracker in self.trackers:
+                tracker.close()
+            self.trackers = []
+
+
+def tracker_values(event: str, values: dict) -> dict[str, float]:
+    """An event's numbers under tracker names: train + {loss, train_accuracy} -> train/loss, train/accuracy."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        short = key[len(event) + 1:] if key.startswith(f"{event}_") else key
+        out[f"{event}/{short}"] = float(value)
+    return out
 
 
 class Progress:

@@ -16,7 +16,7 @@ PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
 TORCH=${ENGINE_TORCH:-torch==2.13.0}
 $PIP --upgrade pip wheel setuptools >/dev/null
 $PIP "$TORCH"
-$PIP -e ".[all,test]" "$TORCH"
+$PIP -e ".[all,test,trackers]" "$TORCH"
 # ColossalAI without its 2024-era pins; its imports need only these.
 echo "setup: installing colossalai --no-deps; pip's warnings about its unmet pins below are expected (README)"
 $PIP --no-deps "colossalai==0.5.0"

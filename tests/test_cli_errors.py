@@ -137,7 +137,7 @@ def test_out_of_memory_names_what_would_fit(clm, monkeypatch):
     from engine.errors import EngineError
     from engine.worker import run
 
-    def oom(self, batch, sync_grads):
+    def oom(self, batch, sync_grads, return_logits=False):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(DDPBackend, "forward_backward", oom)
     cfg = load_config(None, clm + ["train.micro_batch_size=8", "train.max_steps=2"])

@@ -256,15 +256,18 @@ class ColossalBackend(Backend):
             return nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 
-    def forward_backward(self, batch, sync_grads: bool) -> torch.Tensor:
+    def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False):
+        from backends.base import ForwardOutput
         if self.pipelined:
+            # the logits live on the last stage only: no logits (training metrics that need them
+            # are left out of the run), the loss is broadcast to every stage
             with self._no_sync(sync_grads):
-                return self._pipeline_forward_backward(batch)
+                return ForwardOutput(self._pipeline_forward_backward(batch))
         with self._no_sync(sync_grads):
             with self.amp.autocast():
-                loss = self.model(**batch).loss
-            self.booster.backward(self.amp.scale(loss / self.spec.grad_accum), self.optimizer)
-        return loss.detach()
+                out = self.model(**batch)
+            self.booster.backward(self.amp.scale(out.loss / self.spec.grad_accum), self.optimizer)
+        return ForwardOutput(out.loss.detach(), out.logits.detach() if return_logits else None)
 
     def _pipeline_forward_backward(self, batch) -> torch.Tensor:
         accum = self.spec.grad_accum

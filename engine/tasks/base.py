@@ -60,6 +60,22 @@ class Task(ABC):
         `index` (position in the eval set), computed as eval_update scores it."""
         raise NotImplementedError(f"task {self.name} writes no per-example predictions")
 
+    # -- training-set metrics per log window (optional) -------------------------------------
+    # The loop keeps the task's sums on the device beside the window's loss, adds them up over
+    # the data-parallel group at the log step (in the same all-reduce as the loss) and writes what
+    # train_metrics_finish makes of them into the `train` event. No host sync inside a step.
+    def train_metrics_init(self, device) -> torch.Tensor | None:
+        """A zeroed float64 device vector of sums, or None: this task reports no training metrics
+        (and the loop does not ask the backend for the training logits)."""
+        return None
+
+    def train_metrics_update(self, sums: torch.Tensor, logits: torch.Tensor, batch: dict) -> None:
+        """Add one micro-batch (its logits and device batch) to `sums` in place, on the device."""
+
+    def train_metrics_finish(self, sums: list[float]) -> dict[str, float]:
+        """The metrics of a window from its sums over all data-parallel ranks."""
+        return {}
+
     @staticmethod
     def tokens_in(batch: dict) -> int:
         mask = batch.get("attention_mask")

@@ -112,6 +112,22 @@ class ClassificationTask(Task):
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
+    # training accuracy per log window (what the ColossalAI MRPC recipe reports): correct and
+    # counted examples summed on the device; regression (num_labels=1) has none
+    def train_metrics_init(self, device) -> torch.Tensor | None:
+        if self.num_labels == 1:
+            return None
+        return torch.zeros(2, dtype=torch.float64, device=device)
+
+    def train_metrics_update(self, sums, logits, batch) -> None:
+        labels = batch["labels"]
+        sums[0] += (logits.argmax(-1) == labels).sum()
+        sums[1] += labels.numel()
+
+    def train_metrics_finish(self, sums) -> dict[str, float]:
+        correct, count = sums
+        return {"train_accuracy": correct / count} if count else {}
+
     def eval_init(self) -> dict:
         return {"index": [], "pred": [], "label": [], "loss": []}
 
