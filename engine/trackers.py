@@ -55,6 +55,18 @@ def require_trackers(names: list[str]) -> None:
                               f"pip install {package}")
 
 
+def _import_mlflow() -> None:
+    """Import mlflow in this thread before any tracker starts (wandb starts threads and import hooks
+    of its own). A failed earlier import of mlflow in this process leaves its submodules in
+    sys.modules without the package, and the retry then dies on "partially initialized module
+    'mlflow'" (seen once in a full test session): drop such leftovers first."""
+    import sys
+    if "mlflow" not in sys.modules:
+        for name in [m for m in sys.modules if m.startswith("mlflow.")]:
+            del sys.modules[name]
+    import mlflow  # noqa: F401
+
+
 def open_trackers(names: list[str], output_dir: Path, config: dict, resume_step: int) -> list[Tracker]:
     """Start the named trackers for this run (rank 0 only) and log the resolved config to each."""
     output_dir = Path(output_dir)
@@ -70,6 +82,8 @@ def open_trackers(names: list[str], output_dir: Path, config: dict, resume_step:
         state.pop("wandb", None)
         state.pop("mlflow", None)
     state["logged_step"] = resume_step
+    if "mlflow" in names:
+        _import_mlflow()
     trackers: list[Tracker] = []
     for name in dict.fromkeys(names):  # in order, once each
         tracker = _OPENERS[name](output_dir, run_name, state, resume_step)

@@ -51,7 +51,9 @@ def test_second_launch_on_a_live_run_is_refused_and_a_dead_holder_does_not_block
     args, env = _paused(tiny_gpt2, out, 120)  # killed long before the pause ends
     first = Launch(["--gpus", "0", "--nproc", "2", *args], tmp_path / "first.log", env)
     try:
-        _wait_for(lambda: (out / LOCK).exists() and _train_steps(out) >= 2, first, "the first job's step 2")
+        # in the pause after its step-2 checkpoint: its files do not change until it is killed
+        _wait_for(lambda: (out / LOCK).exists() and (out / "checkpoints" / "step-2").is_dir(), first,
+                  "the first job's step-2 checkpoint")
         holder = json.loads((out / LOCK).read_text())
         assert holder["pid"] == first.proc.pid and holder["host"] == socket.gethostname()
         before = sorted(p.name for p in out.rglob("*"))
@@ -63,7 +65,7 @@ def test_second_launch_on_a_live_run_is_refused_and_a_dead_holder_does_not_block
         assert lines[-1].startswith("error: output_dir") and f"pid {first.proc.pid}" in lines[-1], text
         assert sum(ln.startswith("error:") for ln in lines) == 1 and "Traceback" not in text
         assert (out / "metrics.jsonl").read_text().startswith(events_before)  # the second wrote nothing there
-        assert {p.name for p in out.rglob("*")} >= set(before)
+        assert sorted(p.name for p in out.rglob("*")) == before  # nothing added, nothing removed
     finally:
         first.stop()  # SIGKILL to its whole session: the lock is left behind
     assert (out / LOCK).exists()
