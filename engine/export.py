@@ -125,7 +125,7 @@ def _read_deepspeed(step_dir: Path) -> tuple[dict, str]:
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, "DeepSpeed module state dict"
 
 
-def _read_colossal(folder: Path) -> dict:
+def _read_colossal(folder: Path, mmap: bool = False) -> dict:
     index = next(iter(sorted(folder.glob("*.index.json"))), None)
     files = sorted(folder.glob("*.bin"))
     if index is not None:
@@ -142,7 +142,7 @@ def _read_colossal(folder: Path) -> dict:
     state = {}
     for f in files:
         try:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=mmap))
         except Exception as e:  # noqa: BLE001
             raise EngineError(f"checkpoint shard {f} is unreadable ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -151,8 +151,8 @@ def _read_colossal(folder: Path) -> dict:
 
 # -- shapes only (the resume check) ------------------------------------------------------------
 def checkpoint_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]] | None:
-    """Parameter name -> shape as the checkpoint recorded it, read without loading tensors where the
-    format allows; None where the layout records none this reads (then nothing is checked)."""
+    """Parameter name -> shape as the checkpoint recorded it, without reading tensor data (headers,
+    DeepSpeed's recorded shapes, memory-mapped shards); None when nothing is recorded."""
     layout = checkpoint_layout(step_dir)
     if layout == "ddp":
         from safetensors import safe_open
@@ -168,27 +168,45 @@ def checkpoint_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]] | None
         if not shapes:  # stage 0: the module state dict itself
             shapes = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()}
         return shapes or None
+    if layout == "colossal":  # the Booster's shards hold full (gathered, unpadded) tensors: memory-mapped
+        return {k: tuple(v.shape) for k, v in _read_colossal(step_dir / "model", mmap=True).items()}
     return None
 
 
-def model_param_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The full (unpartitioned) shape of each parameter: ZeRO-3 keeps it in ds_shape."""
-    return {name: tuple(getattr(p, "ds_shape", None) or p.shape) for name, p in module.named_parameters()}
+def model_param_shapes(module: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+    """The full (unpartitioned: ZeRO-3 keeps it in ds_shape) shape of every parameter name, tied
+    aliases included (GPT-2's lm_head.weight is transformer.wte.weight), and the groups of names
+    that are one tensor (a checkpoint stores such a group under any one of its names)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    groups: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        shapes[name] = tuple(getattr(p, "ds_shape", None) or p.shape)
+        groups.setdefault(id(p), set()).add(name)
+    return shapes, [g for g in groups.values() if len(g) > 1]
 
 
-def first_difference(ckpt: dict[str, tuple], model: dict[str, tuple]) -> str | None:
-    """One phrase naming the first parameter (in the model's order) whose shape differs or that
-    only one side has; None when they agree. A tied output head may be absent from the checkpoint."""
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # old GPT-2 checkpoints carry these causal-mask buffers
+
+
+def first_difference(ckpt: dict[str, tuple], model: dict[str, tuple], tied: list[set[str]] = ()) -> str | None:
+    """One phrase naming the first parameter (in the model's order) whose shape differs, that the
+    checkpoint lacks, or that only the checkpoint has; None when they agree."""
+    alias = {name: group for group in tied for name in group}
     for name, shape in model.items():
         if name in ckpt:
             if tuple(ckpt[name]) != tuple(shape):
                 return (f"parameter {name} has shape {list(ckpt[name])} in the checkpoint but "
                         f"{list(shape)} in the model")
-        elif not name.endswith("lm_head.weight"):
-            return f"parameter {name} of the model is not in the checkpoint"
+        else:
+            stored = next((n for n in sorted(alias.get(name, ())) if n in ckpt), None)
+            if stored is None:
+                return f"parameter {name} {list(shape)} of the model is not in the checkpoint"
+            if tuple(ckpt[stored]) != tuple(shape):
+                return (f"parameter {name} (stored as {stored}) has shape {list(ckpt[stored])} in the checkpoint "
+                        f"but {list(shape)} in the model")
     for name in ckpt:
-        if name not in model and not name.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias")):
-            return f"the checkpoint has parameter {name} (shape {list(ckpt[name])}), which the model does not"
+        if name not in model and not name.endswith(_BUFFERS):
+            return f"the checkpoint has parameter {name} {list(ckpt[name])}, which the model does not"
     return None
 
 
@@ -277,11 +295,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     trimmed = _trim_vocab_padding(state, model)
     _fill_tied(state, model)
-    diff = first_difference({k: tuple(v.shape) for k, v in state.items()},
-                            {k: tuple(v.shape) for k, v in model.state_dict().items()
-                             if not k.endswith((".attn.bias", ".attn.masked_bias"))})
+    diff = first_difference({k: tuple(v.shape) for k, v in state.items()}, *model_param_shapes(model))
     if diff:
         raise EngineError(f"checkpoint {step_dir} does not fit the run's model ({run_dir / 'config.yaml'}): {diff}")
+    state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
