@@ -122,7 +122,43 @@ def _read_deepspeed(step_dir: Path) -> tuple[dict, str]:
     module = states.get("module")
     if not module:
         raise EngineError(f"DeepSpeed checkpoint {ds_dir} holds neither ZeRO optimizer partitions nor a module state dict")
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}, "DeepSpeed module state dict"
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):
+        masters = (states.get("optimizer") or {}).get("fp32_groups")
+        if masters:  # stage 0 under bf16/fp16: the fp32 masters, matched to names by the model (below)
+            return {**module, _FP32_GROUPS: masters}, "DeepSpeed stage-0 fp32 master weights"
+        return module, "DeepSpeed module state dict (16-bit: no fp32 master copy in the checkpoint)"
+    return module, "DeepSpeed module state dict"
+
+
+_FP32_GROUPS = "__deepspeed_fp32_groups__"
+
+
+def _apply_fp32_groups(state: dict, model: torch.nn.Module, weight_decay: float) -> bool:
+    """DeepSpeed stage 0 with bf16/fp16 keeps the fp32 master weights as lists per optimizer param
+    group, in the order the engine built the groups (backends.optim.param_groups: matrices, then
+    the rest, each in named_parameters order). Map them back to names; every shape must agree and
+    the 16-bit module weights must be the masters rounded, else the masters are not used."""
+    from backends.optim import param_groups
+    groups = state.pop(_FP32_GROUPS, None)
+    if groups is None:
+        return False
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
+    flat = [t for g in groups for t in g]
+    if len(flat) != len(ordered):
+        return False
+    masters = {}
+    for name, tensor in zip(ordered, flat):
+        low = state.get(name)
+        if low is None or tuple(low.shape) != tuple(tensor.shape) or not torch.equal(tensor.to(low.dtype), low):
+            return False
+        masters[name] = tensor.float()
+    ptr = {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}
+    by_ptr = {ptr[n]: t for n, t in masters.items()}
+    for name in list(state):  # tied aliases (lm_head.weight) take their master too
+        if name in ptr and ptr[name] in by_ptr:
+            state[name] = by_ptr[ptr[name]]
+    return True
 
 
 def _read_colossal(folder: Path, mmap: bool = False) -> dict:
@@ -292,6 +328,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     torch.manual_seed(0)
     model = task.auto_model_class().from_config(conf, dtype=torch.float32,
                                                 trust_remote_code=cfg.model.trust_remote_code)
+    if _FP32_GROUPS in state and not _apply_fp32_groups(state, model, cfg.train.weight_decay):
+        source = "DeepSpeed module state dict (16-bit: its fp32 master copy did not match the model's parameters)"
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     trimmed = _trim_vocab_padding(state, model)
     _fill_tied(state, model)

@@ -23,23 +23,27 @@ from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, run_
 TOL = 1e-5  # max |logit difference| against the reference (fp32; TP reorders sums: ~6e-6 measured)
 # these backends' step-2 weights equal DDP's bit for bit (the same torch AdamW update order);
 # DeepSpeedCPUAdam (offload) and tensor parallelism differ in the last bits
-EXACT = {"ddp", "zero1", "zero3", "col-torch_ddp", "col-zero2", "cls-ddp", "cls-zero3"}
+EXACT = {"ddp", "zero0", "zero1", "zero3", "col-torch_ddp", "col-zero2", "cls-ddp", "cls-zero3"}
 
 STEPS = 4
 
 # label -> (task, backend name, backend options)
 RUNS = {
     "ddp": ("clm", "ddp", {}),
+    "zero0": ("clm", "deepspeed", {"zero_stage": 0}),
     "zero1": ("clm", "deepspeed", {"zero_stage": 1}),
     "zero3": ("clm", "deepspeed", {"zero_stage": 3}),
     "zero2-offload": ("clm", "deepspeed", {"zero_stage": 2, "offload_optimizer": "cpu"}),
     "col-torch_ddp": ("clm", "colossal", {"plugin": "torch_ddp"}),
     "col-zero2": ("clm", "colossal", {"plugin": "low_level_zero", "zero_stage": 2}),
     "col-tp2": ("clm", "colossal", {"plugin": "hybrid", "tp_size": 2}),
+    "col-pp2": ("clm", "colossal", {"plugin": "hybrid", "pp_size": 2, "microbatches": 2}),
     "cls-ddp": ("cls", "ddp", {}),
     "cls-zero3": ("cls", "deepspeed", {"zero_stage": 3}),
     "cls-col-tp2": ("cls", "colossal", {"plugin": "hybrid", "tp_size": 2}),
 }
+# bf16: the export must be DeepSpeed's fp32 master weights, not the 16-bit module copy
+BF16_RUNS = {"zero0-bf16": {"zero_stage": 0}, "zero1-bf16": {"zero_stage": 1}}
 
 
 def _have(module: str) -> bool:
@@ -61,7 +65,7 @@ def small_data(root: Path) -> dict:
 
 def config(task: str, model: Path, data: dict, out: Path, backend: str, options: dict, *, steps: int = STEPS,
            save_every: int = 2, **train) -> dict:
-    dp = 1 if options.get("tp_size") else 2
+    dp = 1 if options.get("tp_size") or options.get("pp_size") else 2
     t = {"max_steps": steps, "micro_batch_size": 8 // dp, "grad_accum": 1, "lr": 2e-3, "scheduler": "constant",
          "warmup_ratio": 0.0, "weight_decay": 0.01, "max_grad_norm": 0.0, "log_every": 1, "seed": 7,
          "precision": "fp32", "adamw_impl": "for_loop", "save_every": save_every, "keep_last": 10,
@@ -84,6 +88,8 @@ def scenarios(model: Path, data: dict, root: Path) -> list[dict]:
         if backend == "colossal" and not _have("colossalai"):
             continue
         out.append(config(task, model, data, root / label, backend, options))
+    for label, options in BF16_RUNS.items():
+        out.append(config("clm", model, data, root / label, "deepspeed", options, precision="bf16"))
     # references: DDP stopped by max_steps at 2 (its final model/ = the step-2 weights)
     out.append(config("clm", model, data, root / "ref-clm-2", "ddp", {}, steps=2, save_every=0))
     out.append(config("cls", model, data, root / "ref-cls-2", "ddp", {}, steps=2, save_every=0))
@@ -173,6 +179,22 @@ def test_export_of_a_mid_run_checkpoint_holds_that_steps_weights(job, label, tmp
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in b)
     assert worst == 0.0, (label, worst)
+
+
+@pytest.mark.parametrize("label", list(BF16_RUNS))
+def test_bf16_export_takes_the_fp32_master_weights(job, label, tmp_path):
+    """The run's own model/ export is the bf16 compute copy; the checkpoint export is fp32 masters:
+    values bf16 cannot hold, which round exactly to that copy."""
+    import torch
+    from engine.export import export_checkpoint
+
+    report = export_checkpoint(job / label / "checkpoints" / "step-4", tmp_path / "out")
+    assert "fp32 master weights" in report["weights"], report
+    got, low = _weights(tmp_path / "out"), _weights(job / label / "model")
+    assert got.keys() == low.keys()
+    assert {t.dtype for t in got.values()} == {torch.float32} and {t.dtype for t in low.values()} == {torch.bfloat16}
+    assert all(torch.equal(got[k].to(torch.bfloat16), low[k]) for k in low)
+    assert sum(int((t != t.to(torch.bfloat16).float()).sum()) for t in got.values()) > 1000
 
 
 def test_engine_export_command_and_pipeline(job, tmp_path):
