@@ -92,7 +92,7 @@ def _ds_model_states(ds_dir: Path) -> dict:
     if not files:
         raise EngineError(f"DeepSpeed checkpoint {ds_dir} has no *_model_states.pt file")
     try:
-        return torch.load(files[0], map_location="cpu", weights_only=False)
+        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)  # shapes: no full read
     except Exception as e:  # noqa: BLE001 - a truncated/corrupt pickle raises many kinds
         raise EngineError(f"DeepSpeed checkpoint file {files[0]} is unreadable ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
