@@ -211,6 +211,74 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
     return final
 
 
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be resumed from (trainer_state.json unparseable, a
+    weights file truncated, an optimizer/RNG file not a whole torch zip), or None. Reads headers and
+    zip directories only, the same on every rank."""
+    from engine.export import checkpoint_layout
+    from engine.modeling import _check_torch_file, _index_shards, check_safetensors
+    directory = Path(directory)
+    try:
+        RunState(**json.loads((directory / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    layout = checkpoint_layout(directory)
+    if layout is None:
+        return "it holds no model weights"
+    where = f"checkpoint {directory.name}"
+    torch_files = sorted(directory.glob("*.pt"))
+    try:
+        if layout == "ddp":
+            check_safetensors(directory / "model.safetensors", where)
+        elif layout == "deepspeed":
+            torch_files += sorted((directory / "deepspeed").glob("*.pt"))
+        else:
+            index = next(iter(sorted((directory / "model").glob("*.index.json"))), None)
+            torch_files += (_index_shards(index, where) if index else sorted((directory / "model").glob("*.bin")))
+            torch_files += sorted((directory / "optimizer").glob("*.bin"))
+        for f in torch_files:
+            _check_torch_file(f, where)
+    except EngineError as e:
+        return str(e).removeprefix(where + ": ")
+    return None
+
+
+def resumable_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that is intact, and one note per newer one passed over as unusable.
+    When checkpoints exist but none is intact: one-line error (a fresh start would silently throw
+    the run away)."""
+    skipped = []
+    for _, directory in reversed(completed_checkpoints(output_dir)):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory, skipped
+        skipped.append(f"{directory.name} ({problem})")
+    if skipped:
+        raise EngineError(f"no usable checkpoint to resume from in {Path(output_dir) / 'checkpoints'}: "
+                          + "; ".join(skipped))
+    return None, []
+
+
+def check_checkpoint_fits(output_dir: Path, conf, auto_class, trust_remote_code: bool = False) -> None:
+    """Before anything in the run directory is touched: the checkpoint a relaunch would resume from
+    must hold the parameters (names and shapes) of the model the config builds now. The model is
+    built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
+    shapes are read from headers/recorded shapes. One line naming the first difference."""
+    from engine.export import checkpoint_param_shapes, first_difference, model_param_shapes
+    directory, _ = resumable_checkpoint(output_dir)
+    if directory is None:
+        return
+    ckpt = checkpoint_param_shapes(directory)
+    if ckpt is None:
+        return
+    with torch.device("meta"):
+        model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
+    diff = first_difference(ckpt, *model_param_shapes(model))
+    if diff:
+        raise EngineError(f"checkpoint {directory} was written for a different model than this config builds: "
+                          f"{diff}; resume with the run's own model config, or start a new output_dir")
+
+
 def load_checkpoint(backend, directory: Path) -> RunState:
     backend.load_state(directory)
     state = RunState(**json.loads((directory / STATE_FILE).read_text()))

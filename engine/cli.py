@@ -223,6 +223,25 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
                     entry=ev.run_and_exit)
 
 
+@main.command("export")
+@click.argument("checkpoint")
+@click.argument("out_dir")
+def export(checkpoint, out_dir):
+    """Consolidated HF folder (safetensors + tokenizer) from RUN/checkpoints/step-N of any backend,
+    in one CPU process: engine export runs/x/checkpoints/step-200 exported/step-200"""
+    if not torch_cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from engine.export import export_checkpoint
+    report = export_checkpoint(checkpoint, out_dir)
+    click.echo(f"exported step {report['step']} ({report['backend']} checkpoint, {report['weights']}) to {out_dir}"
+               + (f"; vocabulary padding rows dropped: {', '.join(report['trimmed'])}" if report["trimmed"] else ""))
+
+
+def torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--prompt", "prompts", multiple=True, default=("Once upon a time",), show_default=True)

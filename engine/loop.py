@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from backends.base import Backend, SchedulerSpec
 from backends.host import current_rss_mb
-from engine.checkpoint import (RunState, barrier, kept_export_dir, latest_checkpoint, load_checkpoint, run_status,
+from engine.checkpoint import (RunState, barrier, kept_export_dir, load_checkpoint, resumable_checkpoint, run_status,
                                save_checkpoint, seed_everything, write_run_status)
 from engine.config import Config
 from engine.errors import EngineError
@@ -135,7 +135,9 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
 
 def _resume(backend: Backend, output_dir: Path, plan: Plan) -> tuple[RunState, Path | None]:
     state = RunState(dp_size=backend.dp_size, global_batch=plan.global_batch)
-    resume_from = latest_checkpoint(output_dir)
+    resume_from, skipped = resumable_checkpoint(output_dir)
+    if skipped and backend.is_main:
+        log(f"warning: checkpoint {'; '.join(skipped)} is unusable; resuming from {resume_from.name} instead")
     if resume_from is not None:
         state = load_checkpoint(backend, resume_from)
         if state.global_batch != plan.global_batch and backend.is_main:

@@ -52,6 +52,7 @@ def run(cfg_dict: dict) -> dict:
     """Run one rank of a training job described by a resolved config dict (plus CONTINUE_KEY:
     train a finished run further, `engine launch --continue`)."""
     from backends.base import backend_class
+    from engine.checkpoint import check_checkpoint_fits
     from engine.config import config_from_dict, validate
     from engine.loop import train
     from engine.metrics import log
@@ -72,8 +73,10 @@ def run(cfg_dict: dict) -> dict:
     backend = None
     try:
         task, tokenizer, data, conf = prepare_run(cfg)
-        backend = backend_cls(cfg.training_spec(), cfg.backend_options())
         output_dir = Path(cfg.output_dir)
+        # a relaunch: its checkpoint must be of this model, checked before config.yaml is rewritten
+        check_checkpoint_fits(output_dir, conf, task.auto_model_class(), cfg.model.trust_remote_code)
+        backend = backend_cls(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             _write_config(cfg, output_dir)
