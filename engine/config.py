@@ -347,6 +347,8 @@ def _coerce(tp, value, dotted: str):
             raise EngineError(f"{dotted} must be a mapping, got {value!r}")
         return value
     if tp is list or origin is list:
+        if isinstance(value, str):  # HF habit: report_to: tensorboard, or "tensorboard,wandb"; "none" = []
+            value = [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise EngineError(f"{dotted} must be a list, got {value!r}")
         return value

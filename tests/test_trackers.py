@@ -197,3 +197,15 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tiny_gpt2, tmp_path, monk
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert [s for s, _ in got] == [1, 2, 3, 4]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+@pytest.mark.fast
+def test_report_to_takes_the_hf_string_forms(tiny_gpt2):
+    """HF's TrainingArguments take report_to as a name, a comma list or "none", as well as a list."""
+    base = [f"model.name_or_path={tiny_gpt2}", f"data.train={MRPC}", "task=classification", "data.glue_task=mrpc"]
+    assert load_config(None, base + ["train.report_to=tensorboard"]).train.report_to == ["tensorboard"]
+    assert load_config(None, base + ["train.report_to=tensorboard,mlflow"]).train.report_to == ["tensorboard", "mlflow"]
+    assert load_config(None, base + ["train.report_to=none"]).train.report_to == []
+    assert load_config(None, base + ["train.report_to=[wandb]"]).train.report_to == ["wandb"]
+    with pytest.raises(EngineError, match="train.report_to must be a list, got 3"):
+        load_config(None, base + ["train.report_to=3"])
