@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import Backend, ForwardOutput, SchedulerSpec, StepInfo, register_backend
+from backends.base import Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, register_backend
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -93,7 +93,6 @@ class DDPBackend(Backend):
 
     @classmethod
     def estimate_rows(cls):
-        from backends.base import EstimateRow
         # fp32 weights, grads and AdamW on every rank; DDP's gradient bucket; autocast's weight copies
         return (EstimateRow("ddp", None, grad_bucket=True, autocast_copy=True),)
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from backends.base import Backend, EngineError, SchedulerSpec, StepInfo, TrainingSpec, register_backend
+from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
+                           StepInfo, TrainingSpec, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -54,6 +55,8 @@ class DeepSpeedOptions:
                 raise EngineError(f"{p}.{key} must be one of {', '.join(OFFLOAD_DEVICES)}; got {value!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise EngineError(f"{p}.log_level must be debug, info, warning or error; got {self.log_level!r}")
+        # the user's JSON, read and its legacy keys mapped once: (json, notes, legacy origins)
+        self._user: tuple[dict, list[str], dict[str, str]] = ({}, [], {})
         if self.config_file is not None:
             path = Path(self.config_file).expanduser()
             if not path.is_file():
@@ -64,31 +67,25 @@ class DeepSpeedOptions:
                 raise EngineError(f"{p}.config_file {path} is not valid JSON: {e}") from None
             if not isinstance(user, dict):
                 raise EngineError(f"{p}.config_file {path} must hold a JSON object")
+            self._user = _map_legacy_offload(user)
         # cross-checks that need the file's values too are done in resolved_zero()
         self.resolved_zero()
 
     # -- what the options and the user's JSON say together ---------------------------------
     def user_config(self) -> dict:
         """The user's JSON with DeepSpeed's legacy offload keys read as today's sections (see
-        _map_legacy_offload); {} without a config_file."""
-        if self.config_file is None:
-            return {}
-        return self._read_user()[0]
+        _map_legacy_offload); {} without a config_file. Shared: copy before changing it."""
+        return self._user[0]
 
     def legacy_notes(self) -> list[str]:
         """One line per legacy key of the config_file that was mapped (for the launcher's log)."""
-        return self._read_user()[1]
-
-    def _read_user(self) -> tuple[dict, list[str], dict[str, str]]:
-        if self.config_file is None:
-            return {}, [], {}
-        return _map_legacy_offload(json.loads(Path(self.config_file).expanduser().read_text()))
+        return self._user[1]
 
     def resolved_zero(self) -> tuple[int, str, str]:
         """(stage, offload_optimizer, offload_params), options first, then the JSON, then defaults;
         an option that contradicts an explicit JSON value is an error, never a silent pick."""
         p = "backend.deepspeed"
-        user, _, legacy = self._read_user()
+        user, _, legacy = self._user
         zero = user.get("zero_optimization", {}) or {}
         src = f"{p}.config_file"
 
@@ -447,7 +444,6 @@ class DeepSpeedBackend(Backend):
 
     # -- training ---------------------------------------------------------------------------
     def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False):
-        from backends.base import ForwardOutput
         # the loop's accumulation window is DeepSpeed's: reduce (stage 0/1) and step only at its end
         self.engine.set_gradient_accumulation_boundary(sync_grads)
         out = self.engine(**batch)
@@ -546,7 +542,6 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def estimate_rows(cls):
-        from backends.base import EstimateRow
         row = lambda key, stage, **kw: EstimateRow(key, stage, deepspeed_estimator=True, **kw)
         return (row("deepspeed:zero0", 0), row("deepspeed:zero1", 1), row("deepspeed:zero2", 2),
                 row("deepspeed:zero2+offload", 2, offload_optimizer=True), row("deepspeed:zero3", 3),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from backends.deepspeed_zero import CHECKPOINT_TAG as DEEPSPEED_DIR  # its sub-folder in step-N
 from engine import testhooks
 from engine.errors import EngineError
 
@@ -211,12 +212,22 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
     return final
 
 
+def checkpoint_layout(step_dir: Path) -> str | None:
+    """Which backend's files a step directory holds (ddp | deepspeed | colossal); None if none."""
+    if (step_dir / "model.safetensors").is_file():
+        return "ddp"
+    if (step_dir / DEEPSPEED_DIR).is_dir():
+        return "deepspeed"
+    if (step_dir / "model").is_dir():
+        return "colossal"
+    return None
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """Why a complete-looking checkpoint cannot be resumed from (trainer_state.json unparseable, a
     weights file truncated, an optimizer/RNG file not a whole torch zip), or None. Reads headers and
     zip directories only, the same on every rank."""
-    from engine.export import checkpoint_layout
-    from engine.modeling import _check_torch_file, _index_shards, check_safetensors
+    from engine.modeling import bin_shards, check_safetensors, check_torch_file
     directory = Path(directory)
     try:
         RunState(**json.loads((directory / STATE_FILE).read_text()))
@@ -231,13 +242,12 @@ def checkpoint_problem(directory: Path) -> str | None:
         if layout == "ddp":
             check_safetensors(directory / "model.safetensors", where)
         elif layout == "deepspeed":
-            torch_files += sorted((directory / "deepspeed").glob("*.pt"))
+            torch_files += sorted((directory / DEEPSPEED_DIR).glob("*.pt"))
         else:
-            index = next(iter(sorted((directory / "model").glob("*.index.json"))), None)
-            torch_files += (_index_shards(index, where) if index else sorted((directory / "model").glob("*.bin")))
+            torch_files += bin_shards(directory / "model", where)
             torch_files += sorted((directory / "optimizer").glob("*.bin"))
         for f in torch_files:
-            _check_torch_file(f, where)
+            check_torch_file(f, where)
     except EngineError as e:
         return str(e).removeprefix(where + ": ")
     return None
@@ -257,26 +267,6 @@ def resumable_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
         raise EngineError(f"no usable checkpoint to resume from in {Path(output_dir) / 'checkpoints'}: "
                           + "; ".join(skipped))
     return None, []
-
-
-def check_checkpoint_fits(output_dir: Path, conf, auto_class, trust_remote_code: bool = False) -> None:
-    """Before anything in the run directory is touched: the checkpoint a relaunch would resume from
-    must hold the parameters (names and shapes) of the model the config builds now. The model is
-    built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
-    shapes are read from headers/recorded shapes. One line naming the first difference."""
-    from engine.export import checkpoint_param_shapes, first_difference, model_param_shapes
-    directory, _ = resumable_checkpoint(output_dir)
-    if directory is None:
-        return
-    ckpt = checkpoint_param_shapes(directory)
-    if ckpt is None:
-        return
-    with torch.device("meta"):
-        model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
-    diff = first_difference(ckpt, *model_param_shapes(model))
-    if diff:
-        raise EngineError(f"checkpoint {directory} was written for a different model than this config builds: "
-                          f"{diff}; resume with the run's own model config, or start a new output_dir")
 
 
 def load_checkpoint(backend, directory: Path) -> RunState:

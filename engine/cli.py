@@ -29,6 +29,27 @@ def _gpu_count() -> int:
     return gpu_count()
 
 
+def _processes(gpus: int | None, nproc: int | None, *, default_nproc: int = 1,
+               gpus_here: bool = True) -> tuple[int, int]:
+    """(GPUs, processes per node) from --gpus/--nproc: one process per GPU, or --nproc CPU processes
+    when --gpus is 0 (default: every GPU present). gpus_here=False: the GPUs are elsewhere (Ray)."""
+    present = _gpu_count()
+    gpus = present if gpus is None else gpus
+    if gpus < 0 or (nproc is not None and nproc < 1):
+        raise EngineError("--gpus must be >= 0 and --nproc >= 1")
+    if gpus > present and gpus_here:
+        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)"
+                          + ("; use --gpus 0 --nproc N for CPU processes" if present == 0 else ""))
+    if gpus > 0 and nproc is not None and nproc != gpus:
+        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
+    return gpus, gpus if gpus > 0 else (nproc or default_nproc)
+
+
+def _threads_per_proc(gpus: int, procs: int) -> int | None:
+    """CPU processes share this node's cores (as torchrun does); GPU ranks keep torch's default."""
+    return max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
+
+
 class EngineGroup(click.Group):
     """Turns EngineError into `error: <message>` and exit code 2, with no traceback."""
 
@@ -100,17 +121,9 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
 
     With no CONFIG it trains a small GPT-2 on the project's own sample corpus."""
     config, overrides = _split_config_and_overrides(args)
-    present = _gpu_count()
-    if gpus is None:
-        gpus = present
-    if gpus < 0 or (nproc is not None and nproc < 1) or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise EngineError("--gpus must be >= 0, --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
-    if gpus > present and launcher == "torchrun":
-        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)"
-                          + ("; use --gpus 0 --nproc N for CPU processes" if present == 0 else ""))
-    if gpus > 0 and nproc is not None and nproc != gpus:
-        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
-    procs = gpus if gpus > 0 else (nproc or 1)
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise EngineError("--nnodes must be >= 1 and 0 <= --node-rank < --nnodes")
+    gpus, procs = _processes(gpus, nproc, gpus_here=launcher == "torchrun")
     if max_restarts < 0 or rdzv_timeout < 1:
         raise EngineError("--max-restarts must be >= 0 and --rdzv-timeout >= 1")
     if launcher == "ray":
@@ -137,9 +150,9 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
                        max_restarts=max_restarts, resource_timeout=rdzv_timeout)
             return
         from launch.torchrun import launch as torchrun_launch
-        threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
         torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                        master_port=master_port, max_restarts=max_restarts, threads_per_proc=threads,
+                        master_port=master_port, max_restarts=max_restarts,
+                        threads_per_proc=_threads_per_proc(gpus, procs),
                         rdzv_timeout=rdzv_timeout)
 
 
@@ -190,15 +203,9 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
     from engine import evaluate as ev
     from engine.metrics import log
 
-    present = _gpu_count()
-    gpus = present if gpus is None else gpus
-    if gpus < 0 or (nproc is not None and nproc < 1) or (batch_size is not None and batch_size < 1):
-        raise EngineError("--gpus must be >= 0, --nproc >= 1 and --batch-size >= 1")
-    if gpus > present:
-        raise EngineError(f"--gpus {gpus} asked, but this machine has {present} GPU(s)")
-    if gpus > 0 and nproc is not None and nproc != gpus:
-        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
-    procs = gpus if gpus > 0 else (nproc or 1)
+    gpus, procs = _processes(gpus, nproc)
+    if batch_size is not None and batch_size < 1:
+        raise EngineError("--batch-size must be >= 1")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise EngineError(f"unexpected argument {bad[0]!r}: give one model/run/checkpoint and KEY=VALUE overrides")
@@ -218,9 +225,8 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
         return
     from backends.host import free_port
     from launch.torchrun import launch as torchrun_launch
-    threads = max(1, (os.cpu_count() or 1) // procs) if gpus == 0 else None
-    torchrun_launch(job, nproc=procs, master_port=master_port or free_port(), threads_per_proc=threads,
-                    entry=ev.run_and_exit)
+    torchrun_launch(job, nproc=procs, master_port=master_port or free_port(),
+                    threads_per_proc=_threads_per_proc(gpus, procs), entry=ev.run_and_exit)
 
 
 @main.command("export")
@@ -229,17 +235,13 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
 def export(checkpoint, out_dir):
     """Consolidated HF folder (safetensors + tokenizer) from RUN/checkpoints/step-N of any backend,
     in one CPU process: engine export runs/x/checkpoints/step-200 exported/step-200"""
-    if not torch_cuda_available():
+    if not _gpu_count():  # transformers imports an installed DeepSpeed, which warns otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from engine.export import export_checkpoint
     report = export_checkpoint(checkpoint, out_dir)
     click.echo(f"exported step {report['step']} ({report['backend']} checkpoint, {report['weights']}) to {out_dir}"
                + (f"; vocabulary padding rows dropped: {', '.join(report['trimmed'])}" if report["trimmed"] else ""))
 
-
-def torch_cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 @main.command()
@@ -298,11 +300,7 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
     """Throughput and memory of each backend x model, each a short real training run, beside the HF
     Trainer and a hand-written loop run the same way. Writes one JSON per run, RESULTS.md and chart.png."""
     from benchmarks.runner import run_matrix
-    if gpus is None:
-        gpus = _gpu_count()
-    if gpus > 0 and nproc is not None and nproc != gpus:
-        raise EngineError("--nproc is for CPU runs; with GPUs one process starts per GPU (--gpus)")
-    procs = gpus if gpus > 0 else (nproc or 2)
+    gpus, procs = _processes(gpus, nproc, default_nproc=2)
     if min(procs, seq, micro_batch, steps, repeat) < 1 or warmup < 0:
         raise EngineError("--nproc, --seq, --micro-batch, --steps and --repeat must be >= 1, --warmup >= 0")
     specs = [b for b in backends.split(",") if b.strip()] + [b for b in baselines.split(",") if b.strip()]

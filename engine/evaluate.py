@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,8 +195,8 @@ def run(job: dict) -> dict:
     """One rank of an eval job (also the whole job on one process)."""
     from backends.base import SchedulerSpec, backend_class
     from engine.config import config_from_dict, validate
-    from engine.loop import _collective, evaluate_examples
-    from engine.metrics import log
+    from engine.loop import dp_collective, evaluate_examples
+    from engine.metrics import format_metrics, log
     from engine.worker import prepare_run
 
     if not torch.cuda.is_available():
@@ -218,7 +217,7 @@ def run(job: dict) -> dict:
         records: list[dict] = []
         on_batch = ((lambda logits, batch, idx: records.extend(task.example_records(logits, batch, idx)))
                     if job["predictions"] else None)
-        collective = _collective(backend)
+        collective = dp_collective(backend)
         size = cfg.train.eval_batch_size or cfg.train.micro_batch_size
         results = evaluate_examples(backend, task, data.eval, size, collective, on_batch)
         if job["predictions"]:
@@ -234,7 +233,7 @@ def run(job: dict) -> dict:
                     f.writelines(json.dumps(r) + "\n" for r in records)
             with open(job["output"], "x") as f:
                 f.write(json.dumps(report, indent=1) + "\n")
-            log("eval: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+            log("eval: " + format_metrics(results))
             log(f"written to {job['output']}" + (f" and {job['predictions']}" if job["predictions"] else ""))
             print(json.dumps(report, indent=1), flush=True)
         return results
@@ -249,12 +248,11 @@ def run(job: dict) -> dict:
 
 def run_and_exit(job: dict) -> None:
     """Entry for launched eval processes: a bad-input error is one line on stderr and exit code 2."""
+    from engine.worker import exit_with_one_line
     try:
         run(job)
     except EngineError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_one_line(e)
 
 
 def default_output() -> str:

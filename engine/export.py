@@ -30,22 +30,8 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import DEEPSPEED_DIR, STATE_FILE, checkpoint_layout
 from engine.errors import EngineError
-
-STATE_FILE = "trainer_state.json"
-DEEPSPEED_TAG = "deepspeed"  # backends/deepspeed_zero.py CHECKPOINT_TAG
-
-
-# -- what a checkpoint is ------------------------------------------------------------------------
-def checkpoint_layout(step_dir: Path) -> str | None:
-    """ddp | deepspeed | colossal from the files a step directory holds; None if none of them."""
-    if (step_dir / "model.safetensors").is_file():
-        return "ddp"
-    if (step_dir / DEEPSPEED_TAG).is_dir():
-        return "deepspeed"
-    if (step_dir / "model").is_dir():
-        return "colossal"
-    return None
 
 
 def check_checkpoint_dir(step_dir: Path) -> dict:
@@ -84,7 +70,7 @@ def read_state_dict(step_dir: Path) -> tuple[dict, str]:
     if layout == "colossal":
         return _read_colossal(step_dir / "model"), "model/ (Booster shards)"
     raise EngineError(f"checkpoint {step_dir} holds no weights this engine wrote (model.safetensors, "
-                      f"{DEEPSPEED_TAG}/ or model/)")
+                      f"{DEEPSPEED_DIR}/ or model/)")
 
 
 def _ds_model_states(ds_dir: Path) -> dict:
@@ -99,7 +85,7 @@ def _ds_model_states(ds_dir: Path) -> dict:
 
 
 def _read_deepspeed(step_dir: Path) -> tuple[dict, str]:
-    ds_dir = step_dir / DEEPSPEED_TAG
+    ds_dir = step_dir / DEEPSPEED_DIR
     if os.environ.get("DS_ACCELERATOR") is None and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     if list(ds_dir.glob("*optim_states.pt")):
@@ -109,7 +95,7 @@ def _read_deepspeed(step_dir: Path) -> tuple[dict, str]:
         try:
             # it prints its progress (stdout) and progress bars (stderr); errors still raise
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_TAG)
+                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
             return dict(state), "DeepSpeed ZeRO fp32 master weights (zero_to_fp32)"
         except ValueError as e:
             if "is not a zero checkpoint" not in str(e):
@@ -162,17 +148,8 @@ def _apply_fp32_groups(state: dict, model: torch.nn.Module, weight_decay: float)
 
 
 def _read_colossal(folder: Path, mmap: bool = False) -> dict:
-    index = next(iter(sorted(folder.glob("*.index.json"))), None)
-    files = sorted(folder.glob("*.bin"))
-    if index is not None:
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EngineError(f"checkpoint index {index} is unreadable ({type(e).__name__})") from None
-        files = [folder / n for n in names]
-        for f in files:
-            if not f.is_file():
-                raise EngineError(f"shard {f.name} named in {index} is missing")
+    from engine.modeling import bin_shards
+    files = bin_shards(folder, f"checkpoint {folder}")
     if not files:
         raise EngineError(f"checkpoint folder {folder} holds no .bin shards")
     state = {}
@@ -197,7 +174,7 @@ def checkpoint_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]] | None
         with safe_open(str(step_dir / "model.safetensors"), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if layout == "deepspeed":
-        states = _ds_model_states(step_dir / DEEPSPEED_TAG)
+        states = _ds_model_states(step_dir / DEEPSPEED_DIR)
         shapes: dict[str, tuple[int, ...]] = {}
         for group in states.get("param_shapes") or []:
             shapes.update({k: tuple(v) for k, v in group.items()})
@@ -356,3 +333,19 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"step": trainer_state.get("step"), "checkpoint": str(step_dir), "output": str(out_dir),
             "backend": checkpoint_layout(step_dir), "weights": source, "trimmed": trimmed}
+
+
+def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False) -> None:
+    """Before anything in the run directory is touched: the checkpoint a relaunch will resume from
+    must hold the parameters (names and shapes) of the model the config builds now. The model is
+    built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
+    shapes are read from headers/recorded shapes. One line naming the first difference."""
+    ckpt = checkpoint_param_shapes(directory)
+    if ckpt is None:
+        return
+    with torch.device("meta"):
+        model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
+    diff = first_difference(ckpt, *model_param_shapes(model))
+    if diff:
+        raise EngineError(f"checkpoint {directory} was written for a different model than this config builds: "
+                          f"{diff}; resume with the run's own model config, or start a new output_dir")

@@ -19,11 +19,11 @@ import torch.distributed as dist
 
 from backends.base import Backend, SchedulerSpec
 from backends.host import current_rss_mb
-from engine.checkpoint import (RunState, barrier, kept_export_dir, load_checkpoint, resumable_checkpoint, run_status,
+from engine.checkpoint import (RunState, barrier, kept_export_dir, load_checkpoint, run_status,
                                save_checkpoint, seed_everything, write_run_status)
 from engine.config import Config
 from engine.errors import EngineError
-from engine.metrics import MetricsLog, Progress, log
+from engine.metrics import MetricsLog, Progress, format_metrics, log
 from engine.preemption import Preemption, signal_name
 from engine.tasks import Collective, Task, TaskData
 
@@ -78,13 +78,15 @@ def plan_run(cfg: Config, n_train: int, dp_size: int, main: bool) -> Plan:
 
 
 def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model, tokenizer,
-          output_dir: Path, continue_run: bool = False) -> dict:
+          output_dir: Path, resume: tuple[Path | None, list[str]] = (None, []), continue_run: bool = False) -> dict:
+    """resume: (the checkpoint to resume from or None, notes on newer unusable ones passed over),
+    as engine.checkpoint.resumable_checkpoint found them."""
     t = cfg.train
     plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
     rss_before_setup = current_rss_mb()
     backend.setup(build_model, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
-    state, resumed_from = _resume(backend, output_dir, plan)
+    state, resumed_from = _resume(backend, plan, *resume)
     if continue_run:
         _continue_finished(cfg, backend, Path(output_dir), state, plan)
     if backend.is_main:
@@ -97,7 +99,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         from engine.trackers import open_trackers
         trackers = open_trackers(t.report_to, Path(output_dir), cfg.to_dict(), state.step)
     run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
-              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), _collective(backend))
+              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), dp_collective(backend))
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
 
     window = Window(backend.device, task)
@@ -133,9 +135,8 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         preemption.close()
 
 
-def _resume(backend: Backend, output_dir: Path, plan: Plan) -> tuple[RunState, Path | None]:
+def _resume(backend: Backend, plan: Plan, resume_from: Path | None, skipped: list[str]) -> tuple[RunState, Path | None]:
     state = RunState(dp_size=backend.dp_size, global_batch=plan.global_batch)
-    resume_from, skipped = resumable_checkpoint(output_dir)
     if skipped and backend.is_main:
         log(f"warning: checkpoint {'; '.join(skipped)} is unusable; resuming from {resume_from.name} instead")
     if resume_from is not None:
@@ -295,8 +296,7 @@ def _evaluate(run: Run) -> dict:
     results = evaluate_examples(run.backend, run.task, run.data.eval, size, run.collective)
     run.metrics.write("eval", run.state.step, **results)
     if run.backend.is_main:
-        log(f"eval @ step {run.state.step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in results.items()))
+        log(f"eval @ step {run.state.step}: " + format_metrics(results))
     return results
 
 
@@ -322,7 +322,8 @@ def evaluate_examples(backend: Backend, task: Task, examples, size: int, collect
     return task.eval_finish(state, collective, backend.device)
 
 
-def _collective(backend: Backend) -> Collective:
+def dp_collective(backend: Backend) -> Collective:
+    """Reductions over the backend's data-parallel group, for tasks (the loop's eval, `engine eval`)."""
     group = backend.dp_group
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

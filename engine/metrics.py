@@ -11,6 +11,11 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 
 
+def format_metrics(values: dict) -> str:
+    """`eval_loss=1.2345, accuracy=0.8100, eval_samples=408`: floats to 4 decimals, the rest as is."""
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def log(message: str) -> None:
     print(f"[engine] {message}", file=sys.stderr, flush=True)
 

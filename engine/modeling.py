@@ -75,19 +75,19 @@ def check_weights(cfg: Config) -> None:
     if (folder / "model.safetensors").is_file():
         check_safetensors(folder / "model.safetensors", where)
     elif (folder / "model.safetensors.index.json").is_file():
-        for shard in _index_shards(folder / "model.safetensors.index.json", where):
+        for shard in index_shards(folder / "model.safetensors.index.json", where):
             check_safetensors(shard, where)
     elif (folder / "pytorch_model.bin").is_file():
-        _check_torch_file(folder / "pytorch_model.bin", where)
+        check_torch_file(folder / "pytorch_model.bin", where)
     elif (folder / "pytorch_model.bin.index.json").is_file():
-        for shard in _index_shards(folder / "pytorch_model.bin.index.json", where):
-            _check_torch_file(shard, where)
+        for shard in index_shards(folder / "pytorch_model.bin.index.json", where):
+            check_torch_file(shard, where)
     else:
         raise EngineError(f"{where}: folder {folder} holds no weights (model.safetensors, "
                           "model.safetensors.index.json or pytorch_model.bin)")
 
 
-def _index_shards(index: Path, where: str) -> list[Path]:
+def index_shards(index: Path, where: str) -> list[Path]:
     import json
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -99,6 +99,13 @@ def _index_shards(index: Path, where: str) -> list[Path]:
         if not shard.is_file():
             raise EngineError(f"{where}: shard {shard.name} named in {index.name} is missing")
     return shards
+
+
+def bin_shards(folder: Path, where: str) -> list[Path]:
+    """The torch .bin shards of a sharded checkpoint folder (a ColossalAI Booster's): those its
+    index names (each must exist), else every .bin in it."""
+    index = next(iter(sorted(Path(folder).glob("*.index.json"))), None)
+    return index_shards(index, where) if index is not None else sorted(Path(folder).glob("*.bin"))
 
 
 def check_safetensors(path: Path, where: str) -> None:
@@ -141,7 +148,7 @@ def check_safetensors(path: Path, where: str) -> None:
             raise corrupt(f"tensor {name!r} {dtype}{shape} does not fit its {end - begin} bytes")
 
 
-def _check_torch_file(path: Path, where: str) -> None:
+def check_torch_file(path: Path, where: str) -> None:
     import zipfile
     try:
         with open(path, "rb") as f:

@@ -52,7 +52,8 @@ def run(cfg_dict: dict) -> dict:
     """Run one rank of a training job described by a resolved config dict (plus CONTINUE_KEY:
     train a finished run further, `engine launch --continue`)."""
     from backends.base import backend_class
-    from engine.checkpoint import check_checkpoint_fits
+    from engine.checkpoint import resumable_checkpoint
+    from engine.export import check_checkpoint_fits
     from engine.config import config_from_dict, validate
     from engine.loop import train
     from engine.metrics import log
@@ -74,8 +75,11 @@ def run(cfg_dict: dict) -> dict:
     try:
         task, tokenizer, data, conf = prepare_run(cfg)
         output_dir = Path(cfg.output_dir)
-        # a relaunch: its checkpoint must be of this model, checked before config.yaml is rewritten
-        check_checkpoint_fits(output_dir, conf, task.auto_model_class(), cfg.model.trust_remote_code)
+        # a relaunch: the newest intact checkpoint, which must be of this model (checked before
+        # config.yaml is rewritten); the loop resumes from it
+        resume = resumable_checkpoint(output_dir)
+        if resume[0] is not None:
+            check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code)
         backend = backend_cls(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +89,7 @@ def run(cfg_dict: dict) -> dict:
         if dist.is_initialized():
             dist.barrier()
         return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
-                     tokenizer, output_dir, continue_run=continue_run)
+                     tokenizer, output_dir, resume, continue_run=continue_run)
     except torch.OutOfMemoryError:
         raise EngineError(oom_advice(cfg)) from None
     finally:
@@ -128,6 +132,12 @@ def run_and_exit(cfg_dict: dict) -> None:
         if result.get("interrupted_by"):
             sys.exit(128 + result["interrupted_by"])
     except EngineError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_one_line(e)
+
+
+def exit_with_one_line(e: EngineError) -> None:
+    """A launched process's bad-input end: rank 0 prints `error: <message>`, every rank exits 2 (the
+    launcher turns that into its own one line, no traceback)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)

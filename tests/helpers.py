@@ -66,3 +66,35 @@ def assert_one_error_line(output: str, prefix: str) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0], output[-4000:]
     assert errors[0].startswith(prefix), errors[0]
     return errors[0]
+
+
+def small_data(root: Path, *, shakespeare_lines: int, mrpc_rows: tuple[int, int]) -> dict:
+    """Excerpts of the shared data (the first lines of tiny Shakespeare, the first (train, dev) rows
+    of MRPC's TSVs), so suites with many scenarios tokenize little: {"clm": file, "cls": GLUE folder}."""
+    root.mkdir(parents=True, exist_ok=True)
+    clm = root / "shakespeare-excerpt.txt"
+    clm.write_text("".join(SHAKESPEARE.read_text().splitlines(keepends=True)[:shakespeare_lines]))
+    mrpc = root / "MRPC"
+    mrpc.mkdir(exist_ok=True)
+    for name, n in zip(("train.tsv", "dev.tsv"), mrpc_rows):
+        lines = (MRPC / name).read_bytes().splitlines(keepends=True)[:n + 1]  # + header (with its BOM)
+        (mrpc / name).write_bytes(b"".join(lines))
+    return {"clm": clm, "cls": mrpc}
+
+
+def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """Every scenario (a resolved config dict) in ONE 2-process torchrun job (tests/drivers/run_many.py):
+    each process pays the torch/transformers/library imports once. Its output is kept in workdir/job.log."""
+    spec = workdir / "scenarios.json"
+    spec.write_text(json.dumps(scenarios, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.home() / ".cache/engine/torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests/drivers/run_many.py"), str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"run_many failed ({proc.returncode}); log in {workdir / 'job.log'}:\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -12,7 +12,6 @@ TORCH_EXTENSIONS_DIR; the Makefile keeps that cache outside the checkout so late
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from drivers.run_many import scenario_log
-from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine
+from helpers import (MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine, run_many,
+                     small_data)
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
 # HF run_clm-style ZeRO-2 file as recipes ship it: "auto" everywhere, the legacy "cpu_offload": true
@@ -51,20 +51,6 @@ SETTINGS = {
 }
 
 
-def small_data(root: Path) -> dict:
-    """Excerpts of the shared data (the first lines of tiny Shakespeare, of MRPC's train and dev
-    TSVs), so each of the many scenarios tokenizes little."""
-    root.mkdir(parents=True, exist_ok=True)
-    clm = root / "shakespeare-excerpt.txt"
-    clm.write_text("".join(SHAKESPEARE.read_text().splitlines(keepends=True)[:3000]))
-    mrpc = root / "MRPC"
-    mrpc.mkdir(exist_ok=True)
-    for name, n in (("train.tsv", 200), ("dev.tsv", 40)):
-        lines = (MRPC / name).read_bytes().splitlines(keepends=True)[:n + 1]  # + header (with its BOM)
-        (mrpc / name).write_bytes(b"".join(lines))
-    return {"clm": clm, "cls": mrpc}
-
-
 DATA: dict = {"clm": SHAKESPEARE, "cls": MRPC}
 
 
@@ -91,27 +77,11 @@ def with_backend(cfg: dict, name: str, options: dict) -> dict:
     return cfg
 
 
-def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-    spec = workdir / "scenarios.json"
-    spec.write_text(json.dumps(scenarios, indent=1))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache/engine/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/drivers/run_many.py"), str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise AssertionError(f"run_many failed ({proc.returncode}); log in {workdir / 'job.log'}:\n"
-                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def job(tiny_gpt2, tmp_path_factory):
     """One torchrun job with every training scenario of this file."""
     root = tmp_path_factory.mktemp("deepspeed")
-    DATA.update(small_data(root / "data"))
+    DATA.update(small_data(root / "data", shakespeare_lines=3000, mrpc_rows=(200, 40)))
     runs, scenarios = {}, []
     for setting, (task, clip, ga) in SETTINGS.items():
         for label, name, options in VARIANTS:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, run_engine, tiny_gpt2_dir
+from helpers import assert_one_error_line, losses, run_engine, run_many, small_data, tiny_gpt2_dir
 
 TOL = 1e-5  # max |logit difference| against the reference (fp32; TP reorders sums: ~6e-6 measured)
 # these backends' step-2 weights equal DDP's bit for bit (the same torch AdamW update order);
@@ -49,18 +47,6 @@ BF16_RUNS = {"zero0-bf16": {"zero_stage": 0}, "zero1-bf16": {"zero_stage": 1}}
 def _have(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
-
-
-def small_data(root: Path) -> dict:
-    root.mkdir(parents=True, exist_ok=True)
-    clm = root / "shakespeare-excerpt.txt"
-    clm.write_text("".join(SHAKESPEARE.read_text().splitlines(keepends=True)[:2000]))
-    mrpc = root / "MRPC"
-    mrpc.mkdir(exist_ok=True)
-    for name, n in (("train.tsv", 100), ("dev.tsv", 16)):
-        lines = (MRPC / name).read_bytes().splitlines(keepends=True)[:n + 1]
-        (mrpc / name).write_bytes(b"".join(lines))
-    return {"clm": clm, "cls": mrpc}
 
 
 def config(task: str, model: Path, data: dict, out: Path, backend: str, options: dict, *, steps: int = STEPS,
@@ -103,27 +89,12 @@ def scenarios(model: Path, data: dict, root: Path) -> list[dict]:
     return out
 
 
-def run_many(scenario_list: list[dict], workdir: Path, timeout: int = 1500) -> subprocess.CompletedProcess:
-    spec = workdir / "scenarios.json"
-    spec.write_text(json.dumps(scenario_list, indent=1))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache/engine/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/drivers/run_many.py"), str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise AssertionError(f"run_many failed ({proc.returncode}); log in {workdir / 'job.log'}:\n"
-                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model = tiny_gpt2_dir(root / "models")
-    run_many(scenarios(model, small_data(root / "data"), root), root)
+    run_many(scenarios(model, small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16)), root), root,
+             timeout=1500)
     return root
 
 

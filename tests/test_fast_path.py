@@ -2,7 +2,6 @@
 attention implementations give the losses of the plain path, and keeping losses on the device
 between log steps loses nothing (a log window's loss is the mean of its steps' losses)."""
 import pytest
-import torch
 
 from engine.config import load_config
 from engine.errors import EngineError

@@ -15,10 +15,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
-from helpers import ENGINE, losses, metrics
-from test_launch import ENV, Launch, job, launch_ok, STEPS
+from helpers import losses, metrics
+from test_launch import STEPS, Launch, job, launch_ok
 
 LOCK = ".engine.lock"
 

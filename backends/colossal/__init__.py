@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from backends.base import Backend, EngineError, SchedulerSpec, StepInfo, TrainingSpec, register_backend
+from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
+                           StepInfo, TrainingSpec, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
 
@@ -257,7 +258,6 @@ class ColossalBackend(Backend):
         return self.booster.no_sync(self.model, self.optimizer)
 
     def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False):
-        from backends.base import ForwardOutput
         if self.pipelined:
             # the logits live on the last stage only: no logits (training metrics that need them
             # are left out of the run), the loss is broadcast to every stage
@@ -427,7 +427,6 @@ class ColossalBackend(Backend):
 
     @classmethod
     def estimate_rows(cls):
-        from backends.base import EstimateRow
         return (EstimateRow("colossal:torch_ddp", None, grad_bucket=True, autocast_copy=True),
                 EstimateRow("colossal:zero1", 1), EstimateRow("colossal:zero2", 2),
                 EstimateRow("colossal:gemini", 3))
