@@ -266,15 +266,23 @@ def _load_builtin() -> None:
                 raise
 
 
+def _builtin_rank(spec: BackendSpec) -> int:
+    top = spec.module.split(".")[:2]
+    names = [m.split(".") for m in _BUILTIN_MODULES]
+    return names.index(top) if top in names else len(names)
+
+
 def backend_names() -> tuple[str, ...]:
+    """Built-in backends in `_BUILTIN_MODULES` order, then others as registered: a fixed order
+    whichever module a caller happened to import first (tables and reports list in this order)."""
     _load_builtin()
-    return tuple(_SPECS)
+    return tuple(sorted(_SPECS, key=lambda name: _builtin_rank(_SPECS[name])))
 
 
 def backend_spec(name: str) -> BackendSpec:
     _load_builtin()
     if name not in _SPECS:
-        raise EngineError(f"unknown backend {name!r}; available: {', '.join(_SPECS)}")
+        raise EngineError(f"unknown backend {name!r}; available: {', '.join(backend_names())}")
     return _SPECS[name]
 
 

@@ -151,6 +151,17 @@ def test_estimate_rows_from_the_backends_keep_every_figure(args, kwargs, expecte
     assert all(e.fits_full and e.fits_ckpt for e in rows)
 
 
+@pytest.mark.fast
+def test_registry_order_does_not_depend_on_which_backend_was_imported_first(monkeypatch):
+    # CI once imported backends.deepspeed_zero before backends.ddp and every table reordered.
+    import backends.base as base
+
+    base.backend_names()  # every built-in registered
+    monkeypatch.setattr(base, "_SPECS", dict(reversed(list(base._SPECS.items()))))
+    names = base.backend_names()
+    assert names[0] == "ddp" and names.index("deepspeed") < names.index("colossal")
+
+
 def test_every_bench_spec_maps_to_a_declared_estimate_row():
     from backends.base import backend_class, backend_names
     from benchmarks.runner import estimate_key
