@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,6 +171,32 @@ class Backend(ABC):
     def load_state(self, directory: Path) -> None:
         """Restore what save_state wrote. All ranks call."""
 
+    # -- the layout a checkpoint is written in, and resuming one of another layout ------------
+    def layout(self) -> dict[str, Any]:
+        """What this backend's native checkpoint files depend on (saved as layout.json in every
+        checkpoint): a checkpoint whose layout equals the resuming run's is loaded natively
+        (load_state); any other goes through load_universal. Include the backend's name."""
+        raise NotImplementedError
+
+    def load_universal(self, state: UniversalState, scratch: Path) -> None:
+        """Put a layout-free state (weights, AdamW moments and step) into this backend's own
+        layout. All ranks call, each with the full state. `scratch` is an empty folder on the run's
+        (shared) filesystem for files the backend's own loader wants; the caller removes it."""
+        raise EngineError(f"{type(self).__name__} cannot resume a checkpoint written by another layout")
+
+    @classmethod
+    def moments_from_checkpoint(cls, moments: dict[str, dict[str, torch.Tensor]], layout: dict) -> None:
+        """Put full AdamW moments read from this backend's checkpoint files (written in `layout`)
+        into the model's own element order, in place. Default: they already are."""
+
+    def set_schedule_step(self, step: int) -> float | None:
+        """After load_universal: the LR schedule stands at optimizer step `step`."""
+        sched = getattr(self, "scheduler", None)
+        if sched is None:
+            return None
+        sched.last_epoch = step
+        return self.realign_schedule()
+
     def realign_schedule(self) -> float | None:
         """After load_state into a scheduler built for a different total (`engine launch --continue`),
         set the optimizer's lr to the value the new schedule has at the restored step (load_state
@@ -226,6 +252,40 @@ class Backend(ABC):
         returns them), or None when no row does."""
         return None
     # -- end of bench specs and memory-estimate rows --------------------------------------------
+
+
+@dataclass
+class UniversalState:
+    """A training state in no backend's layout (a checkpoint read by engine/universal.py, resumed by
+    a backend of another layout): full, unpartitioned fp32 tensors keyed by parameter name. Names
+    are the model's `named_parameters()` (a tied tensor once, under its first name)."""
+    groups: list[list[str]]                     # parameter names per AdamW group (backends.optim.param_groups order)
+    weights: dict[str, torch.Tensor]            # fp32 (master) weights
+    moments: dict[str, dict[str, torch.Tensor]]  # name -> {"exp_avg": ..., "exp_avg_sq": ...}
+    adam_step: int                              # AdamW's own step count (bias correction)
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the name its tensor is under
+
+    def load_weights(self, module: torch.nn.Module) -> None:
+        """Into a whole (unpartitioned) module; a tied alias is filled through its first name."""
+        missing, unexpected = module.load_state_dict(self.weights, strict=False)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        loaded = {id(params[n]) for n in self.weights if n in params}
+        missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
+        if missing or unexpected:
+            raise EngineError(f"the universal state does not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+
+    def optimizer_state_dict(self, param_groups: list[dict]) -> dict:
+        """As torch's Optimizer.state_dict() of an AdamW over these groups (indices run over the
+        groups in order), with the hyperparameters of `param_groups` (the live optimizer's)."""
+        state, index, groups = {}, 0, []
+        for names, live in zip(self.groups, param_groups):
+            ids = list(range(index, index + len(names)))
+            for i, name in zip(ids, names):
+                state[i] = {"step": torch.tensor(float(self.adam_step)), **self.moments[name]}
+            groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": ids})
+            index += len(names)
+        return {"state": state, "param_groups": groups}
 
 
 @dataclass(frozen=True)

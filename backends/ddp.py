@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, register_backend
+from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, UniversalState,
+                           register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -79,6 +80,13 @@ class DDPBackend(Backend):
         self.scheduler.load_state_dict(load("scheduler.pt"))
         if self.precision.scaler:
             self.precision.load_state_dict(load("scaler.pt"))
+
+    def layout(self) -> dict:
+        return {"backend": "ddp"}  # rank 0 writes the whole state: any number of ranks reads it
+
+    def load_universal(self, state: UniversalState, scratch: Path) -> None:
+        state.load_weights(self.module)
+        self.optimizer.load_state_dict(state.optimizer_state_dict(self.optimizer.param_groups))
 
     def export_pretrained(self, directory: Path) -> None:
         if self.is_main:

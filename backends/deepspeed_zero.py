@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
+from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, UniversalState,
                            StepInfo, TrainingSpec, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
@@ -486,6 +486,58 @@ class DeepSpeedBackend(Backend):
             raise EngineError(f"no DeepSpeed checkpoint in {directory / CHECKPOINT_TAG} (was it written by "
                               f"another backend?)")
         self.scheduler.load_state_dict(client["engine_scheduler"])
+
+    def layout(self) -> dict:
+        # DeepSpeed's files are per data-parallel rank and stage (its universal checkpoint is an
+        # offline conversion): anything else goes through load_universal
+        return {"backend": "deepspeed", "zero_stage": self.stage, "offload_optimizer": self.offload_optimizer,
+                "offload_params": self.offload_params, "dp_size": self.world_size}
+
+    @torch.no_grad()
+    def load_universal(self, state: UniversalState, scratch: Path) -> None:
+        """Through DeepSpeed's own per-parameter API (deepspeed.utils.safe_set_full_*), which writes
+        each rank's fragment of a full tensor into whatever ZeRO partitioning this run has."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        named = list(self.module.named_parameters())
+        if not any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for _, p in named):
+            # stage 0 in fp32: the client AdamW steps the module's own parameters
+            state.load_weights(self.module)
+            self.basic_optimizer.load_state_dict(state.optimizer_state_dict(self.basic_optimizer.param_groups))
+            return
+        self._init_optimizer_state(state.adam_step)
+        for name, p in named:
+            full = state.weights[name]
+            if self.stage == 3:
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.rank == 0:
+                        p.data.copy_(full.view(p.ds_shape))  # the compute copy; DeepSpeed repartitions it
+            else:
+                p.data.copy_(full)  # ZeRO-1/2 keep whole compute weights on every rank
+            safe_set_full_fp32_param(p, full.to(self.device))
+            for key, value in state.moments[name].items():
+                safe_set_full_optimizer_state(p, value.to(self.device), key)
+
+    def _init_optimizer_state(self, adam_step: int) -> None:
+        """AdamW state exists only after a first step: create it (zeros, the resumed step count) on
+        ZeRO's flat fp32 partitions, so the per-parameter setters have fragments to write into."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer  # the client optimizer, stepping ZeRO's partitions
+        # ZeRO-3 hands its flat fp32 partitions to the client optimizer's groups only during a step
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+            p for group in inner.param_groups for p in group["params"]]
+        fused = bool(inner.param_groups[0].get("fused"))
+        for flat in flats:
+            slot = inner.state[flat]
+            for key in ("exp_avg", "exp_avg_sq"):
+                slot.setdefault(key, torch.zeros_like(flat))
+            # DeepSpeedCPUAdam counts steps in an int; torch's AdamW in a float tensor
+            slot["step"] = adam_step if not isinstance(inner, torch.optim.AdamW) else (
+                torch.tensor(float(adam_step), device=flat.device if fused else "cpu"))
+        link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2: point each parameter's fragment at the state just made
+            zero._hp_optimizer_states_linked = False
+            link()
 
     def export_pretrained(self, directory: Path) -> None:
         """Consolidated HF folder on rank 0. Weights are the module's: fp32 when training in fp32,

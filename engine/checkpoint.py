@@ -23,6 +23,7 @@ from engine import testhooks
 from engine.errors import EngineError
 
 STATE_FILE = "trainer_state.json"
+LAYOUT_FILE = "layout.json"  # Backend.layout() of the run that wrote a checkpoint (engine/universal.py)
 RUN_FILE = "run.json"  # OUTPUT_DIR/run.json: {"status": "running" | "finished", ...}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -170,7 +171,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
@@ -199,6 +200,7 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
     testhooks.pause("saving", state.step)
     barrier()
     if backend.is_main:
+        (tmp / LAYOUT_FILE).write_text(json.dumps(backend.layout(), indent=1))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -267,13 +269,3 @@ def resumable_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:
         raise EngineError(f"no usable checkpoint to resume from in {Path(output_dir) / 'checkpoints'}: "
                           + "; ".join(skipped))
     return None, []
-
-
-def load_checkpoint(backend, directory: Path) -> RunState:
-    backend.load_state(directory)
-    state = RunState(**json.loads((directory / STATE_FILE).read_text()))
-    rng_file = directory / f"rng-rank{backend.rank}.pt"
-    if not rng_file.exists():
-        rng_file = directory / "rng-rank0.pt"  # resumed on a different number of ranks
-    _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state

@@ -335,17 +335,19 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
             "backend": checkpoint_layout(step_dir), "weights": source, "trimmed": trimmed}
 
 
-def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False) -> None:
+def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False) -> torch.nn.Module:
     """Before anything in the run directory is touched: the checkpoint a relaunch will resume from
     must hold the parameters (names and shapes) of the model the config builds now. The model is
     built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
-    shapes are read from headers/recorded shapes. One line naming the first difference."""
-    ckpt = checkpoint_param_shapes(directory)
-    if ckpt is None:
-        return
+    shapes are read from headers/recorded shapes. One line naming the first difference. Returns
+    the meta model (engine.universal.ModelNames reads its parameter names)."""
     with torch.device("meta"):
         model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
+    ckpt = checkpoint_param_shapes(directory)
+    if ckpt is None:
+        return model
     diff = first_difference(ckpt, *model_param_shapes(model))
     if diff:
         raise EngineError(f"checkpoint {directory} was written for a different model than this config builds: "
                           f"{diff}; resume with the run's own model config, or start a new output_dir")
+    return model

@@ -19,13 +19,14 @@ import torch.distributed as dist
 
 from backends.base import Backend, SchedulerSpec
 from backends.host import current_rss_mb
-from engine.checkpoint import (RunState, barrier, kept_export_dir, load_checkpoint, run_status,
-                               save_checkpoint, seed_everything, write_run_status)
+from engine.checkpoint import (RunState, barrier, kept_export_dir, run_status, save_checkpoint, seed_everything,
+                               write_run_status)
 from engine.config import Config
 from engine.errors import EngineError
 from engine.metrics import MetricsLog, Progress, format_metrics, log
 from engine.preemption import Preemption, signal_name
 from engine.tasks import Collective, Task, TaskData
+from engine.universal import ModelNames, load_checkpoint
 
 
 def step_batches(n_examples: int, global_batch: int, seed: int, epoch: int, step_in_epoch: int) -> list[int]:
@@ -78,15 +79,17 @@ def plan_run(cfg: Config, n_train: int, dp_size: int, main: bool) -> Plan:
 
 
 def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model, tokenizer,
-          output_dir: Path, resume: tuple[Path | None, list[str]] = (None, []), continue_run: bool = False) -> dict:
+          output_dir: Path, resume: tuple[Path | None, list[str]] = (None, []), continue_run: bool = False,
+          model_names: ModelNames | None = None) -> dict:
     """resume: (the checkpoint to resume from or None, notes on newer unusable ones passed over),
-    as engine.checkpoint.resumable_checkpoint found them."""
+    as engine.checkpoint.resumable_checkpoint found them. model_names: the model's parameter names,
+    to resume a checkpoint written in another layout (engine/universal.py)."""
     t = cfg.train
     plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
     rss_before_setup = current_rss_mb()
     backend.setup(build_model, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
-    state, resumed_from = _resume(backend, plan, *resume)
+    state, resumed_from = _resume(backend, plan, *resume, model_names)
     if continue_run:
         _continue_finished(cfg, backend, Path(output_dir), state, plan)
     if backend.is_main:
@@ -135,12 +138,15 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         preemption.close()
 
 
-def _resume(backend: Backend, plan: Plan, resume_from: Path | None, skipped: list[str]) -> tuple[RunState, Path | None]:
+def _resume(backend: Backend, plan: Plan, resume_from: Path | None, skipped: list[str],
+            model_names: ModelNames | None) -> tuple[RunState, Path | None]:
     state = RunState(dp_size=backend.dp_size, global_batch=plan.global_batch)
     if skipped and backend.is_main:
         log(f"warning: checkpoint {'; '.join(skipped)} is unusable; resuming from {resume_from.name} instead")
     if resume_from is not None:
-        state = load_checkpoint(backend, resume_from)
+        state, layout_note = load_checkpoint(backend, resume_from, model_names)
+        if layout_note and backend.is_main:
+            log(layout_note)
         if state.global_batch != plan.global_batch and backend.is_main:
             log(f"warning: global batch changed from {state.global_batch} to {plan.global_batch} on resume")
         state.global_batch, state.dp_size = plan.global_batch, backend.dp_size

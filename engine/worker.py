@@ -56,6 +56,7 @@ def run(cfg_dict: dict) -> dict:
     from engine.export import check_checkpoint_fits
     from engine.config import config_from_dict, validate
     from engine.loop import train
+    from engine.universal import ModelNames
     from engine.metrics import log
     from engine.modeling import model_builder
 
@@ -78,8 +79,10 @@ def run(cfg_dict: dict) -> dict:
         # a relaunch: the newest intact checkpoint, which must be of this model (checked before
         # config.yaml is rewritten); the loop resumes from it
         resume = resumable_checkpoint(output_dir)
+        model_names = None
         if resume[0] is not None:
-            check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code)
+            meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code)
+            model_names = ModelNames.of(meta)  # built before any backend: ZeRO-3's zero.Init is not live yet
         backend = backend_cls(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def run(cfg_dict: dict) -> dict:
         if dist.is_initialized():
             dist.barrier()
         return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
-                     tokenizer, output_dir, resume, continue_run=continue_run)
+                     tokenizer, output_dir, resume, continue_run=continue_run, model_names=model_names)
     except torch.OutOfMemoryError:
         raise EngineError(oom_advice(cfg)) from None
     finally:

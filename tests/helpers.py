@@ -82,15 +82,17 @@ def small_data(root: Path, *, shakespeare_lines: int, mrpc_rows: tuple[int, int]
     return {"clm": clm, "cls": mrpc}
 
 
-def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """Every scenario (a resolved config dict) in ONE 2-process torchrun job (tests/drivers/run_many.py):
-    each process pays the torch/transformers/library imports once. Its output is kept in workdir/job.log."""
+def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Every scenario (a resolved config dict) in ONE torchrun job of `nproc` processes
+    (tests/drivers/run_many.py): each process pays the torch/transformers/library imports once. Its
+    output is kept in workdir/job.log."""
+    workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "scenarios.json"
     spec.write_text(json.dumps(scenarios, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache/engine/torch_extensions"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / "tests/drivers/run_many.py"), str(spec)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
-                           StepInfo, TrainingSpec, register_backend)
+                           StepInfo, TrainingSpec, UniversalState, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
 
@@ -358,6 +358,41 @@ class ColossalBackend(Backend):
         self.booster.load_optimizer(self.optimizer, str(directory / "optimizer"))
         self.booster.load_lr_scheduler(self.scheduler, str(directory / "scheduler.pt"))
 
+    def layout(self) -> dict:
+        o = self.options
+        return {"backend": "colossal", "plugin": o.plugin, "zero_stage": o.zero_stage, "tp_size": o.tp_size,
+                "pp_size": o.pp_size, "world_size": self.world_size}
+
+    def load_universal(self, state: UniversalState, scratch: Path) -> None:
+        """The Booster's own sharded checkpoint format is already layout-free (full tensors; the
+        optimizer's keyed by parameter index in the unsharded model's group order; the plugin
+        shards them for TP/PP/ZeRO as it loads), so the state is written in that format and loaded
+        by the Booster. Rank 0 writes into `scratch`, every rank reads."""
+        scratch = Path(scratch)
+        if self.is_main:
+            for sub in ("model", "optimizer"):
+                (scratch / sub).mkdir(parents=True, exist_ok=True)
+            # tied aliases too (a pipeline's last stage looks its head up as lm_head.weight)
+            weights = {**state.weights, **{a: state.weights[n] for a, n in state.aliases.items()}}
+            torch.save(weights, scratch / "model" / "pytorch_model-00001.bin")
+            _write_index(scratch / "model" / "pytorch_model.bin.index.json", {}, weights, "pytorch_model-00001.bin")
+            moments = {n: dict(m) for n, m in state.moments.items()}
+            _fused_qkv_order(moments, self.options.tp_size if self.options.plugin == "hybrid" else 1, to_booster=True)
+            optim = UniversalState(state.groups, state.weights, moments, state.adam_step).optimizer_state_dict(
+                self.optimizer.param_groups)
+            torch.save(optim["state"], scratch / "optimizer" / "pytorch_optim-00001.bin")
+            torch.save(optim["param_groups"], scratch / "optimizer" / "pytorch_optim_group.bin")
+            _write_index(scratch / "optimizer" / "pytorch_optim.bin.index.json",
+                         {"param_groups": "pytorch_optim_group.bin"}, optim["state"], "pytorch_optim-00001.bin")
+        dist.barrier()
+        self.booster.load_model(self.model, str(scratch / "model"))
+        self.booster.load_optimizer(self.optimizer, str(scratch / "optimizer"))
+
+    @classmethod
+    def moments_from_checkpoint(cls, moments, layout: dict) -> None:
+        tp = layout.get("tp_size", 1) if layout.get("plugin") == "hybrid" else 1
+        _fused_qkv_order(moments, tp, to_booster=False)
+
     def export_pretrained(self, directory: Path) -> None:
         """Consolidated HF folder: the Booster gathers the (TP/PP/ZeRO-sharded) weights into full
         tensors in a temporary sharded checkpoint; rank 0 loads them into a fresh, unsharded model
@@ -449,3 +484,32 @@ def _read_shards(folder: Path) -> dict:
     for f in sorted(Path(folder).glob("*.bin")):
         state.update(torch.load(f, map_location="cpu", weights_only=True))
     return state
+
+
+def _write_index(path: Path, metadata: dict, keys, shard: str) -> None:
+    """The index file of a one-shard Booster checkpoint."""
+    import json
+    path.write_text(json.dumps({"metadata": {**metadata, "total_size": 0},
+                                "weight_map": {str(k): shard for k in keys}}, indent=1))
+
+
+QKV_FUSED = ("attn.c_attn.weight", "attn.c_attn.bias")  # GPT-2's fused [q | k | v] (policy: GPT2FusedLinearConv1D_Col)
+
+
+def _fused_qkv_order(moments: dict, tp_size: int, to_booster: bool) -> None:
+    """Under tensor parallelism the Booster's optimizer checkpoint keeps a fused QKV parameter's
+    moments as the ranks' shards one after another, [q0 k0 v0 | q1 k1 v1], while it gathers the
+    weight itself into model order, [q0 q1 | k0 k1 | v0 v1] (measured: the moments of a tp=2
+    checkpoint equal DDP's only after this reorder). Convert in place, either way."""
+    if tp_size <= 1:
+        return
+    for name, slots in moments.items():
+        if not name.endswith(QKV_FUSED):
+            continue
+        for key, t in slots.items():
+            if to_booster:  # model order -> rank after rank
+                parts = t.chunk(3, dim=-1)
+                slots[key] = torch.cat([p.chunk(tp_size, dim=-1)[r] for r in range(tp_size) for p in parts], dim=-1)
+            else:
+                pieces = t.chunk(3 * tp_size, dim=-1)  # rank r holds pieces 3r (q), 3r+1 (k), 3r+2 (v)
+                slots[key] = torch.cat([pieces[3 * r + j] for j in range(3) for r in range(tp_size)], dim=-1)

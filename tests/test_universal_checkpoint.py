@@ -1,0 +1,147 @@
+"""Universal checkpoints (issue 12): a run directory relaunched with another rank count, backend,
+ZeRO stage, plugin or TP/PP layout continues from its checkpoint (weights, AdamW moments and
+step, LR schedule, data position), with no flag, saying so in one log line.
+
+Every move below stops a 6-step run at step 2 (its checkpoint), relaunches the same output_dir
+under the other layout with the same global batch (grad_accum adjusted to the rank count), and
+compares all 6 per-step losses with an uninterrupted 2-rank DDP run. Step 3's loss checks the
+weights, steps 4-6 the AdamW moments and step count (a reset moment changes the next update).
+Tolerances as in tests/test_colossal.py: 1e-6 where the math is DDP's, 2e-6 where TP/PP reorder
+sums. fp32, dropout 0, torch's for_loop AdamW.
+
+Three real torchrun jobs (tests/drivers/run_many.py, many scenarios per job): the 2-rank runs
+that are stopped, then the 1-rank runs (stopped, and resumed from 2-rank checkpoints), then the
+2-rank resumptions.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from drivers.run_many import scenario_log
+from helpers import losses, metrics, run_many, small_data, tiny_gpt2_dir
+from test_export_checkpoints import _have, config
+
+STEPS, STOP = 6, 2
+EXACT, REORDERED = 1e-6, 2e-6
+ZERO2_OFFLOAD = {"zero_stage": 2, "offload_optimizer": "cpu"}
+HYBRID_TP2 = {"plugin": "hybrid", "tp_size": 2}
+HYBRID_PP2 = {"plugin": "hybrid", "pp_size": 2, "microbatches": 2}
+
+# label -> task, (backend, options, ranks) that wrote the checkpoint, the same for the relaunch, tolerance
+MOVES = {
+    "zero3-to-ddp1": ("clm", ("deepspeed", {"zero_stage": 3}, 2), ("ddp", {}, 1), EXACT),
+    "cls-zero3-to-ddp1": ("cls", ("deepspeed", {"zero_stage": 3}, 2), ("ddp", {}, 1), EXACT),
+    "ddp1-to-zero2offload": ("clm", ("ddp", {}, 1), ("deepspeed", ZERO2_OFFLOAD, 2), EXACT),
+    "zero1-to-col-zero1": ("clm", ("deepspeed", {"zero_stage": 1}, 2),
+                           ("colossal", {"plugin": "low_level_zero", "zero_stage": 1}, 2), EXACT),
+    "col-tp2-to-ddp2": ("clm", ("colossal", HYBRID_TP2, 2), ("ddp", {}, 2), REORDERED),
+    "cls-col-tp2-to-zero3": ("cls", ("colossal", HYBRID_TP2, 2), ("deepspeed", {"zero_stage": 3}, 2), REORDERED),
+    "ddp2-to-col-pp2": ("clm", ("ddp", {}, 2), ("colossal", HYBRID_PP2, 2), REORDERED),
+    "cls-ddp2-to-col-tp2": ("cls", ("ddp", {}, 2), ("colossal", HYBRID_TP2, 2), REORDERED),
+    # the same layout (DDP's checkpoint does not depend on the rank count): native, no layout line
+    "ddp2-to-ddp1": ("clm", ("ddp", {}, 2), ("ddp", {}, 1), EXACT),
+}
+
+
+def _moves() -> dict:
+    return {label: m for label, m in MOVES.items()
+            if _have("colossalai") or all(side[0] != "colossal" for side in m[1:3])}
+
+
+def _config(task, model, data, out, backend, options, ranks, **train) -> dict:
+    tp_pp = options.get("tp_size", 1) * options.get("pp_size", 1)
+    dp = ranks // tp_pp
+    # a linear schedule with warm-up: a schedule not set to the resumed step changes the losses
+    return config(task, model, data, out, backend, options, steps=STEPS, save_every=STOP, scheduler="linear",
+                  warmup_ratio=0.34, micro_batch_size=4, grad_accum=2 // dp, **train)
+
+
+def _ds_first(scenarios: list[dict]) -> list[dict]:
+    return sorted(scenarios, key=lambda c: c["backend"]["name"] != "deepspeed")  # DeepSpeed owns the group
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("universal")
+    model = tiny_gpt2_dir(root / "models")
+    data = small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16))
+    moves = _moves()
+
+    def before(ranks):
+        return [_config(task, model, data, root / label, b, o, n, stop_at_step=STOP)
+                for label, (task, (b, o, n), _, _) in moves.items() if n == ranks]
+
+    def after(ranks):
+        return [_config(task, model, data, root / label, b, o, n)
+                for label, (task, _, (b, o, n), _) in moves.items() if n == ranks]
+
+    refs = [_config(task, model, data, root / f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls")]
+    logs = {}
+    logs[2] = run_many(_ds_first(before(2) + refs), root / "job-1").stderr
+    logs[1] = run_many(before(1) + after(1), root / "job-2", nproc=1).stderr
+    logs[3] = run_many(_ds_first(after(2)), root / "job-3").stderr
+    return root, "\n".join(logs.values())
+
+
+@pytest.mark.parametrize("label", list(_moves()))
+def test_a_run_moved_to_another_layout_continues_with_the_same_losses(job, label):
+    root, stderr = job
+    task, (b0, o0, _), (b1, o1, _), tol = MOVES[label]
+    run = root / label
+    got, want = losses(run), losses(root / f"ref-{task}")
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))  # each step logged once
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    assert len(got) == STEPS and worst <= tol, f"{label}: max |loss - uninterrupted| = {worst:.3g}\n{got}\n{want}"
+    # the relaunch's own log: resumed from step-2, and the layout line only when the layout changed
+    resumed = scenario_log(stderr, run)[-1]
+    assert any("resumed from step-2" in line for line in resumed), resumed
+    changed = [line for line in resumed if "layout changed" in line]
+    if (b0, o0) == (b1, o1):
+        assert changed == []
+    else:
+        assert len(changed) == 1 and f"written by {b0}" in changed[0] and f"this run is {b1}" in changed[0], changed
+    assert json.loads((run / "checkpoints" / f"step-{STEPS - 2}" / "layout.json").read_text())["backend"] == b1
+    assert not list((run / "checkpoints").glob(".universal-*"))  # the scratch folder is gone
+
+
+def test_the_lr_schedule_continues_across_a_layout_change(job):
+    """The logged lr after the move equals the uninterrupted run's (the schedule is set to the step)."""
+    root, _ = job
+    lrs = lambda run: [r["lr"] for r in metrics(run)]  # noqa: E731
+    assert lrs(root / "zero3-to-ddp1") == pytest.approx(lrs(root / "ref-clm"), rel=1e-9)
+
+
+@pytest.mark.fast
+def test_the_universal_path_in_one_process_continues_exactly(tiny_gpt2, tmp_path, capfd):
+    """DDP in this process: a checkpoint whose layout.json names another layout is read into the
+    universal form (engine.universal.read_universal) and put back by DDPBackend.load_universal; the
+    run continues as the uninterrupted one, losses and lr, and says so once."""
+    from engine.config import load_config
+    from engine.worker import run
+    from helpers import SHAKESPEARE
+
+    def cfg(out, *extra):
+        return load_config(None, ["task=causal_lm", f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}",
+                                  "data.block_size=32", "data.max_train_samples=64", "train.micro_batch_size=4",
+                                  "train.max_steps=6", "train.lr=1e-3", "train.scheduler=linear",
+                                  "train.warmup_steps=2", "train.save_every=2", "train.adamw_impl=for_loop",
+                                  "train.log_every=1", f"output_dir={out}", *extra]).to_dict()
+
+    run(cfg(tmp_path / "full"))
+    moved = tmp_path / "moved"
+    run(cfg(moved, "train.stop_at_step=2"))
+    layout = moved / "checkpoints" / "step-2" / "layout.json"
+    assert json.loads(layout.read_text()) == {"backend": "ddp"}
+    layout.write_text(json.dumps({"backend": "ddp", "written_by": "another layout"}))
+    capfd.readouterr()
+    run(cfg(moved))
+    err = capfd.readouterr().err
+    assert err.count("layout changed: checkpoint step-2 was written by ddp (written_by another layout)") == 1, err
+    assert losses(moved) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    lrs = lambda run: [r["lr"] for r in metrics(run)]  # noqa: E731
+    assert lrs(moved) == pytest.approx(lrs(tmp_path / "full"), rel=1e-9)
+    assert lrs(moved)[2] != lrs(moved)[1]  # the schedule really moves at the resumed step
