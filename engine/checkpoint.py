@@ -1,7 +1,7 @@
 """Run state around the backend's own state: where a run stands, RNG, atomic checkpoint dirs.
 
-Layout: OUTPUT_DIR/checkpoints/step-N/ holds the backend's files plus trainer_state.json and
-rng-rank{R}.pt. A checkpoint is written into .tmp-step-N and renamed only when every rank has
+Layout: OUTPUT_DIR/checkpoints/step-N/ holds the backend's files plus trainer_state.json,
+layout.json (the Backend.layout() that wrote them: engine/universal.py) and rng-rank{R}.pt. A checkpoint is written into .tmp-step-N and renamed only when every rank has
 finished, so an interrupted write never becomes the one a run resumes from.
 """
 from __future__ import annotations
@@ -235,6 +235,12 @@ def checkpoint_problem(directory: Path) -> str | None:
         RunState(**json.loads((directory / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    if (directory / LAYOUT_FILE).exists():
+        try:
+            if not isinstance(json.loads((directory / LAYOUT_FILE).read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            return f"{LAYOUT_FILE} is unreadable ({type(e).__name__})"
     layout = checkpoint_layout(directory)
     if layout is None:
         return "it holds no model weights"

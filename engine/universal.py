@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from backends.base import UniversalState
 from engine.checkpoint import (DEEPSPEED_DIR, LAYOUT_FILE, STATE_FILE, RunState, barrier, checkpoint_layout,
@@ -116,15 +117,29 @@ def load_universal(backend, directory: Path, names: ModelNames) -> None:
         scratch.mkdir(parents=True)
     barrier()
     try:
+        problem = None
         if checkpoint_layout(directory) == "deepspeed" and backend.is_main:
-            _ds_to_universal(directory, scratch / "deepspeed")
-        barrier()
+            try:
+                _ds_to_universal(directory, scratch / "deepspeed")
+            except EngineError as e:
+                problem = str(e)
+        problem = _from_rank0(problem)  # every rank stops with it, none waits for rank 0 forever
+        if problem:
+            raise EngineError(problem)
         state = read_universal(directory, names, scratch / "deepspeed")
         backend.load_universal(state, scratch / "backend")
         barrier()
     finally:
         if backend.is_main:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _from_rank0(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def read_universal(directory: Path, names: ModelNames, ds_universal: Path | None = None) -> UniversalState:

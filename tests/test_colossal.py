@@ -113,7 +113,7 @@ def test_loss_parity_with_ddp(runs, task, variant, tol):
         assert (ours["accuracy"], ours["f1"]) == (ref["accuracy"], ref["f1"])
 
 
-STARTUP = re.compile(r"\[engine\] backend (\w+) (\{.*\}) \| (\d+) data-parallel ranks \| global batch (\d+) \| ")
+STARTUP = re.compile(r"\[engine\] backend (\w+) (\{.*\}) \| (\d+) data-parallel ranks? \| global batch (\d+) \| ")
 
 
 def _startup_lines(root: Path, name: str, runs: int = 1) -> list[str]:
