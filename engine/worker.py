@@ -110,10 +110,20 @@ def _write_config(cfg, output_dir: Path) -> None:
         old = yaml.safe_load(path.read_text()) or {}
         if old != new:
             changed = sorted(_diff_keys(old, new))
+            kept = _free_name(output_dir, "config.prev", ".yaml")  # an earlier change's copy is kept too
             log(f"warning: config differs from the one this run started with ({', '.join(changed)}); "
-                f"previous kept as config.prev.yaml")
-            path.rename(output_dir / "config.prev.yaml")
+                f"previous kept as {kept.name}")
+            path.rename(kept)
     path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+def _free_name(folder: Path, stem: str, suffix: str) -> Path:
+    """stem.suffix, or stem.2.suffix, stem.3.suffix, ... : the first that does not exist."""
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}.{n}{suffix}"
+    return path
 
 
 def _diff_keys(a, b, prefix="") -> list[str]:

@@ -214,3 +214,17 @@ def test_eval_refusals_are_one_line_and_write_nothing(clm_run, mrpc, tiny_gpt2, 
     code, out = cli("eval", ds_run / "checkpoints" / "step-2", "--gpus", "0", "--output", out_file)
     assert_one_line_error(code, out, "deepspeed backend", str(ds_run / "model"))
     assert not out_file.exists()
+
+
+@pytest.mark.fast
+def test_each_config_change_keeps_its_predecessor(tmp_path):
+    """A relaunch with a changed config keeps the old one; a second change must not overwrite the
+    first one's copy."""
+    import yaml
+
+    from engine.config import load_config
+    from engine.worker import _write_config
+    for lr in ("1e-3", "2e-3", "3e-3"):
+        _write_config(load_config(None, ["task=causal_lm", f"train.lr={lr}", f"output_dir={tmp_path}"]), tmp_path)
+    kept = ["config.prev.yaml", "config.prev.2.yaml", "config.yaml"]
+    assert [yaml.safe_load((tmp_path / name).read_text())["train"]["lr"] for name in kept] == [1e-3, 2e-3, 3e-3]
