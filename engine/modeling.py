@@ -214,5 +214,9 @@ def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False  # no KV cache while training
+        if getattr(model, "loss_type", "") is None and "CausalLM" in auto_class.__name__:
+            # GPT2LMHeadModel's class name maps to no loss type: transformers falls back to this one
+            # anyway, with a warning at every launch
+            model.loss_type = "ForCausalLM"
         return model
     return build
