@@ -106,7 +106,7 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
 
     window = Window(backend.device, task)
-    preemption = Preemption()
+    preemption = Preemption(Path(output_dir))
     last_saved, finished, last_loss = state.step, True, None
     while state.step < plan.total_steps:
         started = time.perf_counter()

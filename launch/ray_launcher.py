@@ -7,6 +7,10 @@ name resumes an old run), while the engine already owns the process group, check
 The actors here only place processes and wire the environment torchrun would have set:
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, NODE_RANK (GROUP_RANK), MASTER_ADDR, MASTER_PORT.
 
+Stop: SIGTERM / SIGINT to the driver asks the workers, through the run directory, to finish their
+step and write a checkpoint (engine.preemption); the driver then exits 143 / 130 as torchrun's
+launcher does.
+
 Recovery: when any actor dies (SIGKILL, OOM killer, node lost) or a rank raises, every actor of
 the group is killed and a fresh group is started, up to `max_restarts` times; the training loop
 resumes from the last complete checkpoint in the (shared) output_dir. Bad input (EngineError) is
@@ -18,12 +22,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
+import uuid
+from pathlib import Path
 
-from engine.errors import EngineError
+from engine.errors import EngineError, Interrupted
 from engine.metrics import log
+from engine.preemption import LAUNCH_ID, SIGNALS, STOP_FILE, request_stop
 
 INSTALL_HINT = "pip install 'ray>=2.50' (or: pip install -e '.[ray]')"
 _FORWARDED_ENV_PREFIXES = ("ENGINE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "NCCL_")
@@ -72,11 +81,16 @@ def launch(cfg_dict: dict, *, workers: int, use_gpu: bool, address: str | None =
         if gpus_per_node < 1 or workers % gpus_per_node:
             raise EngineError(f"--gpus {workers} must be a multiple of --gpus-per-node {gpus_per_node}")
     temp_dir = _connect(ray, address, workers, use_gpu)
+    stop = _StopOnSignal(Path(cfg_dict["output_dir"]))
     try:
         _check_capacity(ray, workers, use_gpu, gpus_per_node, address)
         for attempt in range(max_restarts + 1):
-            failure = _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource_timeout)
+            failure = _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource_timeout,
+                                 stop.launch_id)
             if failure is None:
+                if stop.signum:
+                    raise Interrupted(f"{signal.Signals(stop.signum).name} received: the workers finished their step "
+                                      f"and wrote a checkpoint; relaunch the same command to resume", stop.signum)
                 return
             rank, reason = failure
             if attempt == max_restarts:
@@ -86,10 +100,36 @@ def launch(cfg_dict: dict, *, workers: int, use_gpu: bool, address: str | None =
             log(f"worker rank {rank} failed ({reason}); restarting all {workers} workers "
                 f"({attempt + 1}/{max_restarts}); they resume from the last complete checkpoint")
     finally:
+        stop.close()
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
             log("local Ray instance stopped")
+
+
+class _StopOnSignal:
+    """SIGTERM / SIGINT to the driver (a cluster preempting the job, a user's Ctrl-C): the workers
+    are asked through the run directory (engine.preemption.request_stop) to finish their step,
+    checkpoint and return; the driver waits for them. Ray's actors cannot take the signal itself."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir, self.signum = output_dir, 0
+        self.launch_id = uuid.uuid4().hex
+        in_main = threading.current_thread() is threading.main_thread()
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS} if in_main else {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum:
+            return  # a second signal changes nothing: the checkpoint is being written
+        self.signum = signum
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        request_stop(self.output_dir, self.launch_id, signum)
+        log(f"{signal.Signals(signum).name} received: the workers finish their step, write a checkpoint and stop")
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        (self.output_dir / STOP_FILE).unlink(missing_ok=True)
 
 
 def _connect(ray, address: str | None, workers: int, use_gpu: bool) -> str | None:
@@ -164,7 +204,7 @@ def _check_capacity(ray, workers: int, use_gpu: bool, gpus_per_node: int | None,
                               f"has {len(nodes)} such node(s) ({_describe_cluster(ray)})")
 
 
-def _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource_timeout):
+def _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource_timeout, launch_id):
     """Start one worker group and wait for it. Returns None on success or (rank, reason) on a failure
     worth a restart; raises EngineError for bad input or missing resources."""
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -204,7 +244,8 @@ def _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource
         for i, actor in enumerate(actors):
             env = {**shared, **{k: str(v) for k, v in ranks[i].items()},
                    "WORLD_SIZE": str(workers), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-                   "TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": "0"}
+                   "TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": "0",
+                   LAUNCH_ID: launch_id}
             if not use_gpu:  # like torchrun: split a node's cores between its ranks (a user's setting wins)
                 env.setdefault("OMP_NUM_THREADS",
                                os.environ.get("OMP_NUM_THREADS") or
@@ -216,7 +257,10 @@ def _run_group(ray, cfg_dict, workers, use_gpu, gpus_per_node, attempt, resource
                 f"master {master_addr}:{master_port}")
         pending = list(futures)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            # with a timeout: the driver's signal handler runs only when control returns to Python
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if not done:
+                continue
             rank = futures[done[0]]
             try:
                 message = ray.get(done[0])

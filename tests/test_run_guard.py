@@ -15,6 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import losses, metrics
 from test_launch import STEPS, Launch, job, launch_ok
 
@@ -72,10 +74,22 @@ def test_second_launch_on_a_live_run_is_refused_and_a_dead_holder_does_not_block
     assert len(losses(out)) == STEPS and not (out / LOCK).exists()
 
 
-def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_gpt2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], out.parent / "ref.log")
+    return losses(out)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, uninterrupted, launcher):
+    """torchrun's agent forwards the signal to the workers; Ray's driver asks its actors through the
+    run directory (engine.preemption.request_stop). Either way: the same stop, exit and resume."""
+    if launcher == "ray":
+        pytest.importorskip("ray")
     out = tmp_path / "run"
     args, env = _paused(tiny_gpt2, out, 5)
-    first = Launch(["--gpus", "0", "--nproc", "2", *args], tmp_path / "first.log", env)
+    first = Launch(["--launcher", launcher, "--gpus", "0", "--nproc", "2", *args], tmp_path / "first.log", env)
     try:
         _wait_for(lambda: _train_steps(out) >= 2, first, "step 2")
         os.kill(first.proc.pid, signal.SIGTERM)  # the launcher only, as a scheduler does
@@ -89,8 +103,6 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path):
     assert 2 <= step < STEPS and (out / "checkpoints" / f"step-{step}").is_dir()
     assert text.strip().splitlines()[-1].startswith("stopped: SIGTERM received"), text[-2000:]
     assert "Traceback" not in text
-    assert not (out / LOCK).exists()
+    assert not (out / LOCK).exists() and not (out / ".engine-stop").exists()
     launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], tmp_path / "resume.log")
-    uninterrupted = tmp_path / "uninterrupted"
-    launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, uninterrupted)], tmp_path / "ref.log")
-    assert losses(out) == losses(uninterrupted)
+    assert losses(out) == uninterrupted
