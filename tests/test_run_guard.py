@@ -106,3 +106,13 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, unin
     assert not (out / LOCK).exists() and not (out / ".engine-stop").exists()
     launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], tmp_path / "resume.log")
     assert losses(out) == uninterrupted
+
+
+@pytest.mark.fast
+def test_a_stop_request_counts_only_for_its_own_launch(tmp_path):
+    """A .engine-stop left by an earlier Ray launch must not stop the next one after its first step."""
+    from engine.preemption import request_stop, stop_requested
+    assert stop_requested(tmp_path, "launch-a") == 0
+    request_stop(tmp_path, "launch-a", signal.SIGTERM)
+    assert stop_requested(tmp_path, "launch-a") == signal.SIGTERM
+    assert stop_requested(tmp_path, "launch-b") == 0
