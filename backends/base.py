@@ -185,9 +185,18 @@ class Backend(ABC):
         raise EngineError(f"{type(self).__name__} cannot resume a checkpoint written by another layout")
 
     @classmethod
-    def moments_from_checkpoint(cls, moments: dict[str, dict[str, torch.Tensor]], layout: dict) -> None:
-        """Put full AdamW moments read from this backend's checkpoint files (written in `layout`)
-        into the model's own element order, in place. Default: they already are."""
+    def convert_for_reading(cls, directory: Path, scratch: Path) -> None:
+        """Run once (rank 0) before read_moments: any offline conversion this backend's checkpoint
+        files need, into `scratch` (shared by every rank). Default: none."""
+
+    @classmethod
+    def read_moments(cls, directory: Path, order: list[str], aliases: dict[str, str], layout: dict,
+                     scratch: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        """Full AdamW moments by parameter name ({name: {"exp_avg", "exp_avg_sq"}}) and AdamW's step,
+        read offline from a checkpoint this backend wrote in `layout`. `order`: the parameter names
+        in optimizer-index order (backends.optim.param_groups over the model); `aliases`: tied
+        name -> the name in `order`. Shapes may be flat: the caller reshapes."""
+        raise EngineError(f"{cls.__name__} checkpoints cannot be resumed in another layout")
 
     def set_schedule_step(self, step: int) -> float | None:
         """After load_universal: the LR schedule stands at optimizer step `step`."""
@@ -286,6 +295,20 @@ class UniversalState:
             groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": ids})
             index += len(names)
         return {"state": state, "param_groups": groups}
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step
+
+
+def moments_by_index(state: dict, order: list[str], where: Path) -> tuple[dict, int]:
+    """A torch-style optimizer state ({index: {"step", "exp_avg", "exp_avg_sq"}}, indices over the
+    param groups in order) as moments by name, and the step."""
+    if len(state) != len(order):
+        raise EngineError(f"checkpoint {where}: the optimizer state has {len(state)} parameters, "
+                          f"the model {len(order)}")
+    moments = {order[int(i)]: {k: s[k] for k in MOMENTS} for i, s in state.items()}
+    step = next(iter(state.values()))["step"]
+    return moments, int(step.item() if torch.is_tensor(step) else step)
 
 
 @dataclass(frozen=True)

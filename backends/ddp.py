@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, UniversalState,
-                           register_backend)
+                           moments_by_index, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -87,6 +87,11 @@ class DDPBackend(Backend):
     def load_universal(self, state: UniversalState, scratch: Path) -> None:
         state.load_weights(self.module)
         self.optimizer.load_state_dict(state.optimizer_state_dict(self.optimizer.param_groups))
+
+    @classmethod
+    def read_moments(cls, directory, order, aliases, layout, scratch):
+        optimizer = torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
+        return moments_by_index(optimizer["state"], order, directory)
 
     def export_pretrained(self, directory: Path) -> None:
         if self.is_main:

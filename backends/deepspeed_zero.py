@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, UniversalState,
-                           StepInfo, TrainingSpec, register_backend)
+from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
+                           TrainingSpec, UniversalState, moments_by_index, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -517,6 +517,56 @@ class DeepSpeedBackend(Backend):
             safe_set_full_fp32_param(p, full.to(self.device))
             for key, value in state.moments[name].items():
                 safe_set_full_optimizer_state(p, value.to(self.device), key)
+
+    @classmethod
+    def convert_for_reading(cls, directory, scratch) -> None:
+        """DeepSpeed's own universal-checkpoint converter (deepspeed.checkpoint.ds_to_universal):
+        ZeRO 1-3's per-rank flat partitions -> one folder per parameter name with fp32, exp_avg,
+        exp_avg_sq. Stage 0 has no partitions: nothing to convert."""
+        ds_dir = Path(directory) / CHECKPOINT_TAG
+        if not list(ds_dir.glob("*optim_states.pt")):
+            return
+        import argparse
+        import contextlib
+        import io
+        _import_deepspeed()
+        from deepspeed.checkpoint import ds_to_universal
+        args = argparse.Namespace(input_folder=str(ds_dir), output_folder=str(Path(scratch) / "universal"),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=True)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal.main(args)  # prints progress and bars; errors still raise
+        except Exception as e:  # noqa: BLE001 - its failures come as many kinds
+            raise EngineError(f"DeepSpeed's universal-checkpoint conversion of {directory} failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    @classmethod
+    def read_moments(cls, directory, order, aliases, layout, scratch):
+        zero = Path(scratch) / "universal" / "zero"
+        if not zero.is_dir():  # stage 0 in fp32: the client AdamW's own torch state dict
+            states = sorted((Path(directory) / CHECKPOINT_TAG).glob("*model_states.pt"))
+            optimizer = torch.load(states[0], map_location="cpu", weights_only=False).get("optimizer") or {}
+            if "state" not in optimizer:
+                raise EngineError(f"checkpoint {directory}: DeepSpeed stage 0 under bf16/fp16 resumes only in its "
+                                  f"own layout (its optimizer state is not kept by parameter)")
+            return moments_by_index(optimizer["state"], order, directory)
+
+        def load(name: str, key: str) -> torch.Tensor:
+            for stored in [name] + [a for a, n in aliases.items() if n == name]:
+                if (zero / stored / f"{key}.pt").is_file():
+                    value = torch.load(zero / stored / f"{key}.pt", map_location="cpu", weights_only=False)
+                    return value["param"] if isinstance(value, dict) else value  # stage 3: a flat tensor
+            raise EngineError(f"checkpoint {directory}: DeepSpeed's conversion has no {key} for {name}")
+
+        moments = {name: {key: load(name, key) for key in MOMENTS} for name in order}
+        step_file = next(zero.glob("*/step.pt"), None)
+        if step_file is not None:
+            step = torch.load(step_file, weights_only=False)
+        else:  # stage 3 keeps it in the common optimizer state
+            common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+            step = common["optimizer_state_dict"]["state"][0]["step"]
+        return moments, int(step.item() if torch.is_tensor(step) else step)
 
     def _init_optimizer_state(self, adam_step: int) -> None:
         """AdamW state exists only after a first step: create it (zeros, the resumed step count) on

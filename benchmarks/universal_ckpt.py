@@ -9,7 +9,7 @@ tokens, so AdamW moments exist), then times:
 - native save (engine.checkpoint.save_checkpoint) and its bytes on disk;
 - native resume: a fresh backend of the same layout + `load_state`;
 - universal resume into a fresh DDP backend: for DeepSpeed first DeepSpeed's own converter
-  (engine.universal._ds_to_universal, bytes of its output folder too), then
+  (DeepSpeedBackend.convert_for_reading: ds_to_universal, bytes of its output folder too), then
   engine.universal.read_universal, then `Backend.load_universal`.
 
 After each universal load the fresh DDP module's weights and AdamW moments are compared with the
@@ -186,7 +186,8 @@ class Bench:
     # -- one source backend --------------------------------------------------------------------
     def run_source(self, name: str) -> None:
         from engine.checkpoint import RunState, save_checkpoint
-        from engine.universal import _ds_to_universal, read_universal
+        from backends.base import backend_class
+        from engine.universal import read_universal, saved_layout
         label = name if name == "ddp" else f"deepspeed-zero{DS_STAGE}"
         repeat = self.args.repeat
         print(f"[{label}] one optimizer step, then native save / native load / universal load into DDP", flush=True)
@@ -208,15 +209,16 @@ class Bench:
         del fresh
         self.row(label, "native load (load_state into a fresh backend)", times, None, "native load")
 
-        total, converted = 0.0, None
+        total, converted = 0.0, self.work / f"{label}-universal"
+        layout = saved_layout(step_dir)
         if name == "deepspeed":
-            converted = self.work / f"{label}-universal"
-            times, _, _ = _timed(lambda _: _ds_to_universal(step_dir, converted), repeat,
+            convert = backend_class(name).convert_for_reading
+            times, _, _ = _timed(lambda _: convert(step_dir, converted), repeat,
                                  lambda: shutil.rmtree(converted, ignore_errors=True))
-            total += self.row(label, "universal: _ds_to_universal (DeepSpeed converter)", times, _bytes(converted),
+            total += self.row(label, "universal: ds_to_universal (DeepSpeed converter)", times, _bytes(converted),
                               "native load", "native save")
 
-        times, state, _ = _timed(lambda _: read_universal(step_dir, self.names, converted), repeat)
+        times, state, _ = _timed(lambda _: read_universal(step_dir, self.names, layout, converted), repeat)
         total += self.row(label, "universal: read_universal", times, None, "native load")
         scratch = self.work / f"scratch-{label}"
         scratch.mkdir(parents=True, exist_ok=True)

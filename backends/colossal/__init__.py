@@ -7,6 +7,7 @@ GPT-2 shardformer policy in gpt2_policy.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
-                           StepInfo, TrainingSpec, UniversalState, register_backend)
+                           StepInfo, TrainingSpec, UniversalState, moments_by_index, register_backend)
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
 
@@ -389,9 +390,17 @@ class ColossalBackend(Backend):
         self.booster.load_optimizer(self.optimizer, str(scratch / "optimizer"))
 
     @classmethod
-    def moments_from_checkpoint(cls, moments, layout: dict) -> None:
+    def read_moments(cls, directory, order, aliases, layout, scratch):
+        """The Booster's optimizer/ shards: full tensors by parameter index (TP-fused QKV aside)."""
+        folder = Path(directory) / "optimizer"
+        index = json.loads((folder / "pytorch_optim.bin.index.json").read_text())
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(torch.load(folder / shard, map_location="cpu", weights_only=False))
+        moments, step = moments_by_index(state, order, directory)
         tp = layout.get("tp_size", 1) if layout.get("plugin") == "hybrid" else 1
         _fused_qkv_order(moments, tp, to_booster=False)
+        return moments, step
 
     def export_pretrained(self, directory: Path) -> None:
         """Consolidated HF folder: the Booster gathers the (TP/PP/ZeRO-sharded) weights into full
@@ -488,7 +497,6 @@ def _read_shards(folder: Path) -> dict:
 
 def _write_index(path: Path, metadata: dict, keys, shard: str) -> None:
     """The index file of a one-shard Booster checkpoint."""
-    import json
     path.write_text(json.dumps({"metadata": {**metadata, "total_size": 0},
                                 "weight_map": {str(k): shard for k in keys}}, indent=1))
 
