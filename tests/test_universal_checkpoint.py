@@ -84,9 +84,15 @@ def job(tmp_path_factory):
                 for label, (task, _, (b, o, n), _) in moves.items() if n == ranks]
 
     refs = [_config(task, model, data, root / f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls")]
+    # bf16 (the GPU case): ZeRO-1 on 2 ranks -> ZeRO-2 on 1, against an uninterrupted ZeRO-1 bf16 run
+    bf16 = [_config("clm", model, data, root / "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 1}, 2,
+                    precision="bf16", stop_at_step=STOP),
+            _config("clm", model, data, root / "ref-bf16-zero1", "deepspeed", {"zero_stage": 1}, 2, precision="bf16")]
+    bf16_after = [_config("clm", model, data, root / "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 2}, 1,
+                          precision="bf16")]
     logs = {}
-    logs[2] = run_many(_ds_first(before(2) + refs), root / "job-1").stderr
-    logs[1] = run_many(_ds_first(before(1) + after(1)), root / "job-2", nproc=1).stderr
+    logs[2] = run_many(_ds_first(before(2) + refs + bf16), root / "job-1").stderr
+    logs[1] = run_many(_ds_first(bf16_after + before(1) + after(1)), root / "job-2", nproc=1).stderr
     logs[3] = run_many(_ds_first(after(2)), root / "job-3").stderr
     return root, "\n".join(logs.values())
 
@@ -110,6 +116,14 @@ def test_a_run_moved_to_another_layout_continues_with_the_same_losses(job, label
         assert len(changed) == 1 and f"written by {b0}" in changed[0] and f"this run is {b1}" in changed[0], changed
     assert json.loads((run / "checkpoints" / f"step-{STEPS - 2}" / "layout.json").read_text())["backend"] == b1
     assert not list((run / "checkpoints").glob(".universal-*"))  # the scratch folder is gone
+
+
+def test_a_bf16_run_moves_with_its_fp32_master_weights(job):
+    """DeepSpeed bf16 keeps bf16 compute weights and fp32 masters: the move must restore the masters
+    (zero_to_fp32 + safe_set_full_fp32_param), not the rounded weights, or the losses would drift."""
+    root, _ = job
+    got, want = losses(root / "bf16-zero1-to-zero2-1rank"), losses(root / "ref-bf16-zero1")
+    assert len(got) == STEPS and max(abs(a - b) for a, b in zip(got, want)) <= EXACT, (got, want)
 
 
 def test_the_lr_schedule_continues_across_a_layout_change(job):
