@@ -207,7 +207,7 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
         os.replace(tmp, final)  # atomic: the checkpoint exists only once complete
         for _, old in completed_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-step-*"):
+        for stale in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:  # left by a crash
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     testhooks.pause("saved", state.step)
