@@ -147,13 +147,22 @@ def _check_continue(output_dir: Path, max_steps: int) -> str:
         raise EngineError(f"--continue: the finished run in {output_dir} has no final checkpoint "
                           f"checkpoints/step-{step} (train.save_final was false?); start a new run from its export "
                           f"instead: model.name_or_path={output_dir / 'model'}")
-    if max_steps and max_steps <= step:
-        raise EngineError(f"--continue: the run finished at step {step}; train.max_steps={max_steps} must be larger")
+    if max_steps:
+        check_continue_steps(output_dir, max_steps, f"train.max_steps={max_steps}")
     kept = kept_export_dir(output_dir, step)
     if kept.exists():
         raise EngineError(f"--continue: {kept} already exists, and the model/ export of step {step} would be "
                           "kept there; move it away first")
     return "continue"
+
+
+def check_continue_steps(output_dir: Path, total_steps: int, what: str) -> None:
+    """--continue: the new total (`what` gives it) must exceed the step the run finished at."""
+    step = finished_step(output_dir)
+    if step is not None and total_steps <= step:
+        raise EngineError(f"--continue: the run finished at step {step}; {what} must be larger"
+                          + ("" if what.startswith("train.max_steps") else
+                              f" (it gives at most {total_steps} step{'s' if total_steps != 1 else ''})"))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -71,7 +71,7 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     """Load + validate config, settle output_dir, and check data and model before any process starts.
     world_size: the number of processes the launcher will start (all nodes), for the backend's checks."""
     from engine import warn_once
-    from engine.checkpoint import check_output_dir
+    from engine.checkpoint import check_continue_steps, check_output_dir
     from engine.config import load_config
     from engine.metrics import log
     from engine.worker import prepare_run
@@ -87,9 +87,13 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
     data = prepare_run(cfg)[2]
     t = cfg.train
-    if t.warmup_steps and not t.max_steps:  # epoch-based: the most steps the run can have (one rank) is known now
+    if not t.max_steps:  # epoch-based: the most steps the run can have (one data-parallel rank) is known now
         import math
-        t.warmup_for(max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum)))))
+        most_steps = max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum))))
+        if t.warmup_steps:
+            t.warmup_for(most_steps)
+        if continue_run:  # no layout gives more: refuse here what the workers would refuse after spawning
+            check_continue_steps(Path(cfg.output_dir), most_steps, f"train.epochs={t.epochs:g}")
     log({"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
         + cfg.output_dir)
     for note in notes or ():

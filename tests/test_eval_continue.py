@@ -81,6 +81,9 @@ def test_plain_relaunch_of_a_finished_run_still_refuses(clm_run, tiny_gpt2):
     assert_one_line_error(code, out, "already holds a finished run", "--continue")
     code, out = cli("launch", "--gpus", "0", "--continue", *clm_args(tiny_gpt2, run, 10))
     assert_one_line_error(code, out, "train.max_steps=10 must be larger", "finished at step 10")
+    # epoch-based: refused before any process starts too (at most 1 step at 0.0001 epochs)
+    code, out = cli("launch", "--gpus", "0", "--continue", *clm_args(tiny_gpt2, run, 0), "train.epochs=0.0001")
+    assert_one_line_error(code, out, "train.epochs=0.0001 must be larger", "finished at step 10", "at most 1 step)")
     assert sorted(p.name for p in run.iterdir()) == before
 
 
