@@ -70,7 +70,7 @@ def run_status(output_dir: Path) -> str | None:
 
 
 def write_run_status(output_dir: Path, status: str, **extra) -> None:
-    _atomic_write(Path(output_dir) / RUN_FILE, json.dumps({"status": status, **extra}, indent=2))
+    atomic_write(Path(output_dir) / RUN_FILE, json.dumps({"status": status, **extra}, indent=2))
 
 
 def check_output_dir(output_dir: Path, continue_run: bool = False, max_steps: int = 0) -> str:
@@ -156,16 +156,16 @@ def _check_continue(output_dir: Path, max_steps: int) -> str:
     return "continue"
 
 
-def check_continue_steps(output_dir: Path, total_steps: int, what: str) -> None:
-    """--continue: the new total (`what` gives it) must exceed the step the run finished at."""
+def check_continue_steps(output_dir: Path, total_steps: int, what: str, why: str = "") -> None:
+    """--continue: the new total (`what` gives it; `why` says how, if not plain) must exceed the
+    step the run finished at."""
     step = finished_step(output_dir)
     if step is not None and total_steps <= step:
-        raise EngineError(f"--continue: the run finished at step {step}; {what} must be larger"
-                          + ("" if what.startswith("train.max_steps") else
-                              f" (it gives at most {total_steps} step{'s' if total_steps != 1 else ''})"))
+        raise EngineError(f"--continue: the run finished at step {step}; {what} must be larger{why}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Never read half-written: written beside, then renamed over."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -223,6 +223,20 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
     return final
 
 
+def saved_layout(directory: Path) -> dict | None:
+    """The Backend.layout() a checkpoint was written in; None for checkpoints from before layout.json."""
+    path = Path(directory) / LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        layout = json.loads(path.read_text())
+        if not isinstance(layout, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise EngineError(f"checkpoint {directory}: {LAYOUT_FILE} is unreadable ({type(e).__name__})") from None
+    return layout
+
+
 def checkpoint_layout(step_dir: Path) -> str | None:
     """Which backend's files a step directory holds (ddp | deepspeed | colossal); None if none."""
     if (step_dir / "model.safetensors").is_file():
@@ -244,12 +258,10 @@ def checkpoint_problem(directory: Path) -> str | None:
         RunState(**json.loads((directory / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return f"{STATE_FILE} is unreadable ({type(e).__name__})"
-    if (directory / LAYOUT_FILE).exists():
-        try:
-            if not isinstance(json.loads((directory / LAYOUT_FILE).read_text()), dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            return f"{LAYOUT_FILE} is unreadable ({type(e).__name__})"
+    try:
+        saved_layout(directory)
+    except EngineError as e:
+        return str(e).removeprefix(f"checkpoint {directory}: ")
     layout = checkpoint_layout(directory)
     if layout is None:
         return "it holds no model weights"

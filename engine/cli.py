@@ -93,7 +93,8 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
         if t.warmup_steps:
             t.warmup_for(most_steps)
         if continue_run:  # no layout gives more: refuse here what the workers would refuse after spawning
-            check_continue_steps(Path(cfg.output_dir), most_steps, f"train.epochs={t.epochs:g}")
+            check_continue_steps(Path(cfg.output_dir), most_steps, f"train.epochs={t.epochs:g}",
+                                 f" (it gives at most {most_steps} step{'s' if most_steps != 1 else ''})")
     log({"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
         + cfg.output_dir)
     for note in notes or ():

@@ -94,7 +94,8 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         _continue_finished(cfg, backend, Path(output_dir), state, plan)
     if backend.is_main:
         write_run_status(output_dir, "running", step=state.step, total_steps=plan.total_steps)
-        log(f"backend {cfg.backend.name} {backend.describe()} | {backend.dp_size} data-parallel rank{'s' if backend.dp_size != 1 else ''} | global batch "
+        ranks = f"{backend.dp_size} data-parallel rank{'s' if backend.dp_size != 1 else ''}"
+        log(f"backend {cfg.backend.name} {backend.describe()} | {ranks} | global batch "
             f"{plan.global_batch} | {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
             + (f" | resumed from {resumed_from.name}" if resumed_from else ""))
     trackers = []

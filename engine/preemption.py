@@ -21,17 +21,29 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.checkpoint import atomic_write
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_FILE = ".engine-stop"
 LAUNCH_ID = "ENGINE_LAUNCH_ID"
 
 
+def catch_signals(handler) -> dict:
+    """Install `handler` for SIGTERM and SIGINT; returns the handlers to restore_signals. Only the
+    main thread can install them (a Ray actor runs elsewhere: it gets none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in SIGNALS}
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def request_stop(output_dir: Path, launch_id: str, signum: int) -> None:
     """The launcher's side: ask the workers of launch `launch_id` to stop after their step."""
-    path = Path(output_dir) / STOP_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"launch": launch_id, "signal": int(signum)}))
-    os.replace(tmp, path)  # never read half-written
+    atomic_write(Path(output_dir) / STOP_FILE, json.dumps({"launch": launch_id, "signal": int(signum)}))
 
 
 def stop_requested(output_dir: Path, launch_id: str) -> int:
@@ -52,9 +64,7 @@ class Preemption:
         self.stop_file = (output_dir, launch_id) if output_dir is not None and launch_id and rank0 else None
         # collective: every rank creates it at the same point (the loop does, after set-up)
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        # handlers can only be installed from the main thread (a Ray actor runs elsewhere: no graceful stop)
-        in_main = threading.current_thread() is threading.main_thread()
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS} if in_main else {}
+        self.previous = catch_signals(self._on_signal)  # none in a Ray actor: its driver asks by file
 
     def _on_signal(self, signum, frame) -> None:
         self.received = self.received or signum  # the first signal counts; a second changes nothing
@@ -69,8 +79,7 @@ class Preemption:
         return int(flag)
 
     def close(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore_signals(self.previous)
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group(self.group)
             self.group = None

@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from backends.base import MOMENTS, UniversalState, backend_class
-from engine.checkpoint import LAYOUT_FILE, STATE_FILE, RunState, barrier, checkpoint_layout, set_rng_state
+from engine.checkpoint import STATE_FILE, RunState, barrier, checkpoint_layout, saved_layout, set_rng_state
 from engine.errors import EngineError
-
 
 
 @dataclass(frozen=True)
@@ -55,15 +54,6 @@ class ModelNames:
         return [n for g in self.groups for n in g]
 
 
-def saved_layout(directory: Path) -> dict | None:
-    """The layout a checkpoint was written in; None for checkpoints from before layout.json."""
-    path = Path(directory) / LAYOUT_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        raise EngineError(f"checkpoint {directory}: {LAYOUT_FILE} is unreadable") from None
-
-
 def describe_layout(layout: dict) -> str:
     rest = ", ".join(f"{k} {v}" for k, v in layout.items() if k != "backend")
     return f"{layout.get('backend', '?')} ({rest})" if rest else str(layout.get("backend", "?"))
@@ -76,7 +66,8 @@ def load_checkpoint(backend, directory: Path, names: ModelNames | None) -> tuple
     directory = Path(directory)
     saved, now = saved_layout(directory), backend.layout()
     if saved is None:  # written before layout.json: only which backend's files it holds is known
-        saved = now if checkpoint_layout(directory) == now["backend"] else {"backend": checkpoint_layout(directory)}
+        files = checkpoint_layout(directory)
+        saved = now if files == now["backend"] else {"backend": files}
     note = None
     if saved == now:
         backend.load_state(directory)
@@ -136,12 +127,9 @@ def _from_rank0(value):
 def read_universal(directory: Path, names: ModelNames, saved: dict, scratch: Path) -> UniversalState:
     """A checkpoint written in layout `saved` as full fp32 tensors by name. `scratch`: where the
     writing backend's convert_for_reading put anything it converted."""
-    from engine.export import _FP32_GROUPS, read_state_dict
+    from engine.export import read_state_dict
     directory = Path(directory)
     raw, _ = read_state_dict(directory)
-    if _FP32_GROUPS in raw:
-        raise EngineError(f"checkpoint {directory}: DeepSpeed stage 0 under bf16/fp16 resumes only in its own "
-                          f"layout (its optimizer state is not kept by parameter)")
     weights = {name: _lookup(raw, name, names).float() for name in names.order}
     moments, step = backend_class(saved["backend"]).read_moments(directory, names.order, names.aliases, saved,
                                                                  scratch)

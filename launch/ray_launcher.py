@@ -25,14 +25,12 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
 from engine.errors import EngineError, Interrupted
 from engine.metrics import log
-from engine.preemption import LAUNCH_ID, SIGNALS, STOP_FILE, request_stop
+from engine.preemption import LAUNCH_ID, STOP_FILE, catch_signals, request_stop, restore_signals
 
 INSTALL_HINT = "pip install 'ray>=2.50' (or: pip install -e '.[ray]')"
 _FORWARDED_ENV_PREFIXES = ("ENGINE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "NCCL_")
@@ -115,8 +113,7 @@ class _StopOnSignal:
     def __init__(self, output_dir: Path) -> None:
         self.output_dir, self.signum = output_dir, 0
         self.launch_id = uuid.uuid4().hex
-        in_main = threading.current_thread() is threading.main_thread()
-        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS} if in_main else {}
+        self.previous = catch_signals(self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum:
@@ -127,8 +124,7 @@ class _StopOnSignal:
         log(f"{signal.Signals(signum).name} received: the workers finish their step, write a checkpoint and stop")
 
     def close(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        restore_signals(self.previous)
         (self.output_dir / STOP_FILE).unlink(missing_ok=True)
 
 

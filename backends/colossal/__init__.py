@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -379,8 +379,7 @@ class ColossalBackend(Backend):
             _write_index(scratch / "model" / "pytorch_model.bin.index.json", {}, weights, "pytorch_model-00001.bin")
             moments = {n: dict(m) for n, m in state.moments.items()}
             _fused_qkv_order(moments, self.options.tp_size if self.options.plugin == "hybrid" else 1, to_booster=True)
-            optim = UniversalState(state.groups, state.weights, moments, state.adam_step).optimizer_state_dict(
-                self.optimizer.param_groups)
+            optim = replace(state, moments=moments).optimizer_state_dict(self.optimizer.param_groups)
             torch.save(optim["state"], scratch / "optimizer" / "pytorch_optim-00001.bin")
             torch.save(optim["param_groups"], scratch / "optimizer" / "pytorch_optim_group.bin")
             _write_index(scratch / "optimizer" / "pytorch_optim.bin.index.json",
