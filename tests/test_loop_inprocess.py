@@ -83,3 +83,20 @@ def test_embedded_default_job_runs_and_its_export_generates(tmp_path):
     text = pipeline("text-generation", model=str(tmp_path / "run" / "model"))("Ada went to", max_new_tokens=5,
                                                                               do_sample=False)[0]["generated_text"]
     assert text.startswith("Ada went to")
+
+
+@pytest.mark.fast
+def test_causal_lm_models_have_a_loss_type_transformers_knows(tiny_gpt2, tmp_path):
+    """transformers warns `loss_type=None ... unrecognized` at every launch unless the model's
+    loss_type is in its LOSS_MAPPING (GPT2LMHeadModel's class name maps to none)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    from engine.modeling import model_builder
+    from engine.worker import prepare_run
+    cfg = load_config(None, ["task=causal_lm", f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}",
+                             "data.block_size=32", "data.max_train_samples=8", f"output_dir={tmp_path}"])
+    conf = prepare_run(cfg)[3]
+    model = model_builder(cfg, conf, AutoModelForCausalLM)()
+    assert model.loss_type in LOSS_MAPPING
+    assert model.loss_function is LOSS_MAPPING["ForCausalLM"]  # the loss transformers used anyway
