@@ -198,6 +198,32 @@ class Backend(ABC):
         name -> the name in `order`. Shapes may be flat: the caller reshapes."""
         raise EngineError(f"{cls.__name__} checkpoints cannot be resumed in another layout")
 
+    # -- reading a checkpoint this backend wrote, offline: one CPU process, no process group -----
+    # The engine asks these through layout.json's backend name (engine/checkpoint.py
+    # checkpoint_reader) for the resume checks, `engine export`, `engine eval` and universal moves;
+    # it never reads a backend's files itself.
+    @classmethod
+    def checkpoint_problem(cls, directory: Path, layout: dict) -> str | None:
+        """Why the files this backend wrote into a complete-looking checkpoint cannot be resumed
+        from (missing, truncated, not a whole torch zip), as a phrase; None when they look whole.
+        Headers and zip directories only, the same answer on every rank. Default: nothing checked."""
+        return None
+
+    @classmethod
+    def checkpoint_shapes(cls, directory: Path, layout: dict) -> dict[str, tuple[int, ...]] | None:
+        """Parameter name -> full shape as the checkpoint recorded it, without reading tensor data
+        where the format allows (the resume check that a checkpoint belongs to the model); None when
+        nothing is recorded. Default: None (the check is skipped)."""
+        return None
+
+    @classmethod
+    def read_weights(cls, directory: Path, layout: dict, order: list[str],
+                     aliases: dict[str, str]) -> tuple[dict[str, torch.Tensor], str]:
+        """The full, consolidated weights of a checkpoint this backend wrote (fp32 masters where the
+        files keep them) by parameter name, and a few words on where they came from. `order` and
+        `aliases` as for read_moments. Tensors may keep padding (a TP vocabulary): the caller trims."""
+        raise EngineError(f"{cls.__name__} cannot read its checkpoints offline")
+
     def set_schedule_step(self, step: int) -> float | None:
         """After load_universal: the LR schedule stands at optimizer step `step`."""
         sched = getattr(self, "scheduler", None)
@@ -240,6 +266,7 @@ class Backend(ABC):
     # -- bench specs and memory-estimate rows (read by `engine bench` and `engine estimate`) ------
     # A backend describes itself here so that the bench and the estimator never name a backend.
     bench_spec_help: str = ""   # the bench spec forms, for error messages, e.g. "NAME:zeroN[+offload]"
+    bench_defaults: tuple[str, ...] = ()  # the specs `engine bench` runs when --backends is not given
 
     @classmethod
     def estimate_rows(cls) -> tuple[EstimateRow, ...]:

@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, UniversalState,
-                           moments_by_index, register_backend)
+from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
+                           UniversalState, moments_by_index, register_backend)
+from backends.files import check_safetensors, check_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
+
+
+WEIGHTS = "model.safetensors"  # in step-N: the plain state dict
 
 
 @dataclass
@@ -66,7 +70,7 @@ class DDPBackend(Backend):
     def save_state(self, directory: Path) -> None:
         if self.is_main:
             from safetensors.torch import save_model
-            save_model(self.module, str(directory / "model.safetensors"))  # handles tied weights
+            save_model(self.module, str(directory / WEIGHTS))  # handles tied weights
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
             if self.precision.scaler:
@@ -74,7 +78,7 @@ class DDPBackend(Backend):
 
     def load_state(self, directory: Path) -> None:
         from safetensors.torch import load_model
-        load_model(self.module, str(directory / "model.safetensors"), device=str(self.device))
+        load_model(self.module, str(directory / WEIGHTS), device=str(self.device))
         load = lambda name: torch.load(directory / name, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
@@ -93,6 +97,34 @@ class DDPBackend(Backend):
         optimizer = torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
         return moments_by_index(optimizer["state"], order, directory)
 
+    # model.safetensors is the whole state dict (tied tensors once); optimizer/scheduler/scaler are torch files
+    @classmethod
+    def checkpoint_problem(cls, directory, layout):
+        where = f"checkpoint {Path(directory).name}"
+        try:
+            check_safetensors(Path(directory) / WEIGHTS, where)
+            for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+                if name != "scaler.pt" or (Path(directory) / name).exists():
+                    check_torch_file(Path(directory) / name, where)
+        except EngineError as e:
+            return str(e).removeprefix(where + ": ")
+        return None
+
+    @classmethod
+    def checkpoint_shapes(cls, directory, layout):
+        from safetensors import safe_open
+        path = Path(directory) / WEIGHTS
+        check_safetensors(path, f"checkpoint {directory}")
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    @classmethod
+    def read_weights(cls, directory, layout, order, aliases):
+        from safetensors.torch import load_file
+        path = Path(directory) / WEIGHTS
+        check_safetensors(path, f"checkpoint {directory}")
+        return load_file(str(path), device="cpu"), WEIGHTS
+
     def export_pretrained(self, directory: Path) -> None:
         if self.is_main:
             self.module.save_pretrained(directory, safe_serialization=True)
@@ -103,6 +135,7 @@ class DDPBackend(Backend):
 
     # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
     bench_spec_help = "ddp"
+    bench_defaults = ("ddp",)
 
     @classmethod
     def estimate_rows(cls):

@@ -29,6 +29,7 @@ import torch
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            TrainingSpec, UniversalState, moments_by_index, register_backend)
+from backends.files import check_torch_file, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -317,6 +318,34 @@ def _find_auto(node, prefix="") -> str | None:
     return None
 
 
+def _ds_model_states(ds_dir: Path) -> dict:
+    files = sorted(ds_dir.glob("*model_states.pt"))
+    if not files:
+        raise EngineError(f"DeepSpeed checkpoint {ds_dir} has no *_model_states.pt file")
+    # memory-mapped: the shapes are read without reading the tensors
+    return load_torch_file(files[0], "DeepSpeed checkpoint", weights_only=False, mmap=True)
+
+
+def _stage0_masters(module: dict, groups, order: list[str], aliases: dict[str, str]) -> dict | None:
+    """DeepSpeed stage 0 under bf16/fp16 keeps its fp32 master weights as lists per optimizer param
+    group, in the order the groups were built (backends.optim.param_groups = `order`). The module
+    state dict with those masters by name (tied aliases too); None unless every shape agrees and the
+    16-bit module weights are the masters rounded."""
+    flat = [t for g in groups or [] for t in g]
+    if not flat or len(flat) != len(order):
+        return None
+    masters = dict(module)
+    for name, tensor in zip(order, flat):
+        low = module.get(name)
+        if low is None or tuple(low.shape) != tuple(tensor.shape) or not torch.equal(tensor.to(low.dtype), low):
+            return None
+        masters[name] = tensor.float()
+    for alias, name in aliases.items():  # tied aliases (lm_head.weight) take their master too
+        if alias in masters:
+            masters[alias] = masters[name]
+    return masters
+
+
 def _import_deepspeed():
     """Import deepspeed with the CPU accelerator picked explicitly when there is no CUDA (silences
     DeepSpeed's auto-detection warning)."""
@@ -568,6 +597,67 @@ class DeepSpeedBackend(Backend):
             step = common["optimizer_state_dict"]["state"][0]["step"]
         return moments, int(step.item() if torch.is_tensor(step) else step)
 
+    # -- this backend's files, read offline (engine export/eval, the resume checks) -------------
+    # DeepSpeed's native checkpoint under step-N/deepspeed/: per-rank *model_states.pt (module state
+    # dict, recorded parameter shapes) and, with ZeRO 1-3, *optim_states.pt holding the fp32 master
+    # partitions, which DeepSpeed's own zero_to_fp32 consolidates.
+    @classmethod
+    def checkpoint_problem(cls, directory, layout):
+        ds_dir, where = Path(directory) / CHECKPOINT_TAG, f"checkpoint {Path(directory).name}"
+        if not list(ds_dir.glob("*model_states.pt")):
+            return f"it has no DeepSpeed {CHECKPOINT_TAG}/*model_states.pt"
+        try:
+            for f in sorted(ds_dir.glob("*.pt")):
+                check_torch_file(f, where)
+        except EngineError as e:
+            return str(e).removeprefix(where + ": ")
+        return None
+
+    @classmethod
+    def checkpoint_shapes(cls, directory, layout):
+        states = _ds_model_states(Path(directory) / CHECKPOINT_TAG)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for group in states.get("param_shapes") or []:
+            shapes.update({k: tuple(v) for k, v in group.items()})
+        if not shapes:  # stage 0: the module state dict itself
+            shapes = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()}
+        return shapes or None
+
+    @classmethod
+    def read_weights(cls, directory, layout, order, aliases):
+        """ZeRO 1-3: the fp32 masters from the optimizer partitions (zero_to_fp32). Stage 0 keeps no
+        partitions: the module state dict, or under bf16/fp16 the fp32 masters it keeps per param group."""
+        ds_dir = Path(directory) / CHECKPOINT_TAG
+        if os.environ.get("DS_ACCELERATOR") is None and not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        if list(ds_dir.glob("*optim_states.pt")):
+            import contextlib
+            import io
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            try:
+                # it prints its progress (stdout) and progress bars (stderr); errors still raise
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+                return dict(state), "DeepSpeed ZeRO fp32 master weights (zero_to_fp32)"
+            except ValueError as e:
+                if "is not a zero checkpoint" not in str(e):
+                    raise EngineError(f"DeepSpeed checkpoint {ds_dir} could not be consolidated: "
+                                      f"{str(e).splitlines()[0]}") from None
+            except (FileNotFoundError, RuntimeError, KeyError) as e:
+                raise EngineError(f"DeepSpeed checkpoint {ds_dir} could not be consolidated "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        states = _ds_model_states(ds_dir)
+        module = states.get("module")
+        if not module:
+            raise EngineError(f"DeepSpeed checkpoint {ds_dir} holds neither ZeRO optimizer partitions nor a "
+                              "module state dict")
+        if not any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):
+            return module, "DeepSpeed module state dict"
+        masters = _stage0_masters(module, (states.get("optimizer") or {}).get("fp32_groups"), order, aliases)
+        if masters is not None:
+            return masters, "DeepSpeed stage-0 fp32 master weights"
+        return module, "DeepSpeed module state dict (16-bit: no fp32 master copy matching the model's parameters)"
+
     def _init_optimizer_state(self, adam_step: int) -> None:
         """AdamW state exists only after a first step: create it (zeros, the resumed step count) on
         ZeRO's flat fp32 partitions, so the per-parameter setters have fragments to write into."""
@@ -623,6 +713,7 @@ class DeepSpeedBackend(Backend):
 
     # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
     bench_spec_help = "deepspeed:zero{0,1,2,3}[+offload|+offload_opt]"
+    bench_defaults = ("deepspeed:zero0", "deepspeed:zero1", "deepspeed:zero2", "deepspeed:zero3")
 
     @classmethod
     def bench_options(cls, variant: str, modifiers: list[str]) -> dict:

@@ -229,7 +229,7 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
         cfg = engine_config(run, out_dir)
         cfg_path = run_dir / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cmd = [sys.executable, "-m", "engine.cli", "launch", str(cfg_path), "--gpus", str(run.gpus)]
+        cmd = [sys.executable, "-m", "launch.cli", "launch", str(cfg_path), "--gpus", str(run.gpus)]
         if run.gpus == 0:
             cmd += ["--nproc", str(run.procs)]
         steps_file = out_dir / "metrics.jsonl"

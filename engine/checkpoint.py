@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from backends.deepspeed_zero import CHECKPOINT_TAG as DEEPSPEED_DIR  # its sub-folder in step-N
-from engine import testhooks
+from backends.base import backend_class
 from engine.errors import EngineError
 
 STATE_FILE = "trainer_state.json"
@@ -204,9 +203,7 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    backend.save_state(tmp)
-    torch.save(_rng_state(), tmp / f"rng-rank{backend.rank}.pt")
-    testhooks.pause("saving", state.step)
+    write_rank_files(backend, tmp)
     barrier()
     if backend.is_main:
         (tmp / LAYOUT_FILE).write_text(json.dumps(backend.layout(), indent=1))
@@ -219,67 +216,64 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
         for stale in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:  # left by a crash
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
-    testhooks.pause("saved", state.step)
     return final
 
 
-def saved_layout(directory: Path) -> dict | None:
-    """The Backend.layout() a checkpoint was written in; None for checkpoints from before layout.json."""
+def write_rank_files(backend, directory: Path) -> None:
+    """This rank's part of a checkpoint: the backend's own files and this rank's RNG state."""
+    backend.save_state(directory)
+    torch.save(_rng_state(), directory / f"rng-rank{backend.rank}.pt")
+
+
+def saved_layout(directory: Path) -> dict:
+    """The Backend.layout() a checkpoint was written in (layout.json), or one line."""
     path = Path(directory) / LAYOUT_FILE
     if not path.is_file():
-        return None
+        raise EngineError(f"checkpoint {directory}: it has no {LAYOUT_FILE} (it names the backend that wrote "
+                          "the files; checkpoints from before it are not read)")
     try:
         layout = json.loads(path.read_text())
-        if not isinstance(layout, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(layout, dict) or not isinstance(layout.get("backend"), str):
+            raise ValueError("not a JSON object naming its backend")
     except (OSError, ValueError) as e:
         raise EngineError(f"checkpoint {directory}: {LAYOUT_FILE} is unreadable ({type(e).__name__})") from None
     return layout
 
 
-def checkpoint_layout(step_dir: Path) -> str | None:
-    """Which backend's files a step directory holds (ddp | deepspeed | colossal); None if none."""
-    if (step_dir / "model.safetensors").is_file():
-        return "ddp"
-    if (step_dir / DEEPSPEED_DIR).is_dir():
-        return "deepspeed"
-    if (step_dir / "model").is_dir():
-        return "colossal"
-    return None
+def checkpoint_reader(directory: Path) -> tuple[type, dict]:
+    """The backend class that wrote a checkpoint (layout.json's name) and the layout: every question
+    about the checkpoint's own files (complete? names and shapes? full weights? moments?) goes to it."""
+    layout = saved_layout(directory)
+    try:
+        return backend_class(layout["backend"]), layout
+    except EngineError as e:
+        raise EngineError(f"checkpoint {directory} was written by the {layout['backend']!r} backend, "
+                          f"which this engine does not have ({e})") from None
 
 
 def checkpoint_problem(directory: Path) -> str | None:
-    """Why a complete-looking checkpoint cannot be resumed from (trainer_state.json unparseable, a
-    weights file truncated, an optimizer/RNG file not a whole torch zip), or None. Reads headers and
-    zip directories only, the same on every rank."""
-    from engine.modeling import bin_shards, check_safetensors, check_torch_file
+    """Why a complete-looking checkpoint cannot be resumed from (trainer_state.json or layout.json
+    unparseable, an RNG file or one of the backend's files damaged), or None. Reads headers and zip
+    directories only, the same on every rank."""
+    from backends.files import check_torch_file
     directory = Path(directory)
     try:
         RunState(**json.loads((directory / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return f"{STATE_FILE} is unreadable ({type(e).__name__})"
     try:
-        saved_layout(directory)
+        reader, layout = checkpoint_reader(directory)
     except EngineError as e:
         return str(e).removeprefix(f"checkpoint {directory}: ")
-    layout = checkpoint_layout(directory)
-    if layout is None:
-        return "it holds no model weights"
     where = f"checkpoint {directory.name}"
-    torch_files = sorted(directory.glob("*.pt"))
     try:
-        if layout == "ddp":
-            check_safetensors(directory / "model.safetensors", where)
-        elif layout == "deepspeed":
-            torch_files += sorted((directory / DEEPSPEED_DIR).glob("*.pt"))
-        else:
-            torch_files += bin_shards(directory / "model", where)
-            torch_files += sorted((directory / "optimizer").glob("*.bin"))
-        for f in torch_files:
+        if not (directory / "rng-rank0.pt").is_file():
+            return "it has no rng-rank0.pt"
+        for f in sorted(directory.glob("rng-rank*.pt")):
             check_torch_file(f, where)
     except EngineError as e:
         return str(e).removeprefix(where + ": ")
-    return None
+    return reader.checkpoint_problem(directory, layout)
 
 
 def resumable_checkpoint(output_dir: Path) -> tuple[Path | None, list[str]]:

@@ -4,9 +4,8 @@ What is evaluated (SOURCE):
 - an HF model folder (e.g. RUN/model, RUN/model-step-N, or any save_pretrained folder) or a hub id;
   when the folder sits in a run directory, that run's config.yaml gives the defaults;
 - a run directory: its model/ export, with its config.yaml for task, data and batch defaults;
-- a checkpoint RUN/checkpoints/step-N written by the ddp backend (model.safetensors is the plain
-  state dict): the run's model config built as in training, plus those weights. Other backends'
-  checkpoints are sharded/native: one line saying to evaluate the run's model/ export.
+- a checkpoint RUN/checkpoints/step-N of any backend: the run's model config built as in training,
+  plus the checkpoint's full weights as the backend that wrote them reads them (as `engine export`).
 
 Scoring is the training loop's own eval (engine.loop.evaluate_examples): every example on exactly
 one rank, reduced through the task, so 1 and N processes give the same metrics, and the same as
@@ -16,13 +15,11 @@ in-process, several go through the torchrun launcher like `engine launch`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from engine.errors import EngineError
@@ -51,17 +48,16 @@ def _is_run(path: Path) -> bool:
 
 
 def resolve_source(arg: str) -> Source:
-    from engine.checkpoint import STATE_FILE, finished_step
+    from engine.checkpoint import STATE_FILE, checkpoint_problem, finished_step
     p = Path(arg).expanduser()
     if p.is_dir():
         if (p / STATE_FILE).is_file() and p.parent.name == "checkpoints":
             run_dir = p.parent.parent
             if not _is_run(run_dir):
                 raise EngineError(f"checkpoint {p}: its run directory {run_dir} has no config.yaml")
-            backend = (_run_config(run_dir).get("backend") or {}).get("name", "ddp")
-            if backend != "ddp" or not (p / "model.safetensors").is_file():
-                raise EngineError(f"checkpoint {p} was written by the {backend} backend in its own (sharded) format; "
-                                  f"evaluate the run's consolidated export instead: engine eval {run_dir / 'model'}")
+            problem = checkpoint_problem(p)
+            if problem is not None:
+                raise EngineError(f"checkpoint {p} cannot be read: {problem}")
             step = json.loads((p / STATE_FILE).read_text()).get("step")
             return Source("checkpoint", None, run_dir, p, step)
         if _is_run(p):
@@ -171,15 +167,11 @@ def check_new_file(path: str | None, option: str) -> None:
 def _builder(cfg, conf, auto_class, source: Source):
     def build() -> torch.nn.Module:
         extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-        if source.checkpoint is not None:
-            from safetensors.torch import load_model
+        if source.checkpoint is not None:  # any backend's: the one that wrote it reads its full weights
+            from engine.export import load_checkpoint_weights
             model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                                            **extra)
-            try:
-                load_model(model, str(source.checkpoint / "model.safetensors"), strict=True)
-            except RuntimeError as e:
-                raise EngineError(f"checkpoint {source.checkpoint} does not fit the run's model config: "
-                                  f"{str(e).splitlines()[0]}") from None
+            load_checkpoint_weights(model, source.checkpoint, "the run's model config")
             return model
         model, info = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
                                                  trust_remote_code=cfg.model.trust_remote_code,
@@ -197,21 +189,15 @@ def run(job: dict) -> dict:
     from engine.config import config_from_dict, validate
     from engine.loop import dp_collective, evaluate_examples
     from engine.metrics import format_metrics, log
-    from engine.worker import prepare_run
+    from engine.worker import RankSession, prepare_run
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = config_from_dict(job["config"])
     validate(cfg)
     source = Source(**{**job["source"], "run_dir": None,
                        "checkpoint": Path(job["source"]["checkpoint"]) if job["source"]["checkpoint"] else None})
-    backend_cls = backend_class("ddp")
-    owns_process_group = not dist.is_initialized()
-    backend_cls.init_distributed()
-    backend = None
-    try:
+    with RankSession(backend_class("ddp"), "out of GPU memory; pass a smaller --batch-size") as session:
         task, _, data, conf = prepare_run(cfg)
-        backend = backend_cls(cfg.training_spec(), cfg.backend_options("ddp"))
+        backend = session.start(cfg.training_spec(), cfg.backend_options("ddp"))
         torch.manual_seed(cfg.train.seed)
         backend.setup(_builder(cfg, conf, task.auto_model_class(), source), SchedulerSpec("constant", 0, 1))
         records: list[dict] = []
@@ -237,13 +223,6 @@ def run(job: dict) -> dict:
             log(f"written to {job['output']}" + (f" and {job['predictions']}" if job["predictions"] else ""))
             print(json.dumps(report, indent=1), flush=True)
         return results
-    except torch.OutOfMemoryError:
-        raise EngineError("out of GPU memory; pass a smaller --batch-size") from None
-    finally:
-        if backend is not None:
-            backend.close()
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_and_exit(job: dict) -> None:

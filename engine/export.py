@@ -1,24 +1,20 @@
 """`engine export CHECKPOINT_DIR OUT_DIR`: a consolidated HF folder (safetensors + tokenizer) from a
 checkpoint of any backend, offline: one CPU process, no launch of the layout that wrote it.
 
-What each backend leaves in RUN/checkpoints/step-N/ and how it is read here:
-- ddp: model.safetensors, the plain state dict.
-- deepspeed: DeepSpeed's native checkpoint under deepspeed/ (tag "deepspeed"). With ZeRO 1-3 the
-  fp32 master weights are in the per-rank optimizer files: DeepSpeed's own offline consolidation
-  (deepspeed.utils.zero_to_fp32) merges them (also the fp32 masters of a bf16/fp16 run). Stage 0
-  in fp32 keeps no such files: the module state dict in mp_rank_00_model_states.pt is the weights.
-- colossal: model/, the Booster's sharded torch .bin files (full tensors: the Booster gathers TP
-  and ZeRO shards when it saves); rows a TP vocabulary was padded with are cut back to the model
-  config's vocab_size.
+The engine never reads a backend's files itself: layout.json names the backend that wrote the
+checkpoint, and that backend's class answers (engine.checkpoint.checkpoint_reader):
+`checkpoint_shapes` (names and shapes, cheaply) and `read_weights` (the full weights: DDP's
+model.safetensors, DeepSpeed's zero_to_fp32 over its fp32 masters, the Booster's gathered shards).
 
 The model is rebuilt from the run's config.yaml the way the run built it (engine.modeling: tokenizer,
 model config; the training data is not needed), the weights are loaded strictly (a missing or
-unexpected parameter, or a shape that differs, is one line) and the folder is written with
+unexpected parameter, or a shape that differs, is one line; rows a TP vocabulary was padded with
+are cut back to the model config's vocab_size) and the folder is written with
 save_pretrained(safe_serialization=True) next to the tokenizer. OUT_DIR is never overwritten.
+`engine eval` loads a checkpoint the same way (load_checkpoint_weights).
 
-Also here: `checkpoint_param_shapes`, the parameter names and shapes a checkpoint holds, read
-cheaply (headers, index files, DeepSpeed's recorded shapes), for the resume path's check that a
-checkpoint belongs to the model being trained.
+Also here: the resume path's check that a checkpoint belongs to the model being trained
+(check_checkpoint_fits).
 """
 from __future__ import annotations
 
@@ -30,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import DEEPSPEED_DIR, STATE_FILE, checkpoint_layout
+from engine.checkpoint import STATE_FILE, checkpoint_reader
 from engine.errors import EngineError
 
 
@@ -56,136 +52,7 @@ def check_checkpoint_dir(step_dir: Path) -> dict:
     return state
 
 
-# -- reading each backend's weights ------------------------------------------------------------
-def read_state_dict(step_dir: Path) -> tuple[dict, str]:
-    """The full (consolidated) fp32-or-as-saved state dict of a checkpoint and a word on its source."""
-    layout = checkpoint_layout(step_dir)
-    if layout == "ddp":
-        from engine.modeling import check_safetensors
-        from safetensors.torch import load_file
-        check_safetensors(step_dir / "model.safetensors", f"checkpoint {step_dir}")
-        return load_file(str(step_dir / "model.safetensors"), device="cpu"), "model.safetensors"
-    if layout == "deepspeed":
-        return _read_deepspeed(step_dir)
-    if layout == "colossal":
-        return _read_colossal(step_dir / "model"), "model/ (Booster shards)"
-    raise EngineError(f"checkpoint {step_dir} holds no weights this engine wrote (model.safetensors, "
-                      f"{DEEPSPEED_DIR}/ or model/)")
-
-
-def _ds_model_states(ds_dir: Path) -> dict:
-    files = sorted(ds_dir.glob("*model_states.pt"))
-    if not files:
-        raise EngineError(f"DeepSpeed checkpoint {ds_dir} has no *_model_states.pt file")
-    try:
-        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)  # shapes: no full read
-    except Exception as e:  # noqa: BLE001 - a truncated/corrupt pickle raises many kinds
-        raise EngineError(f"DeepSpeed checkpoint file {files[0]} is unreadable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _read_deepspeed(step_dir: Path) -> tuple[dict, str]:
-    ds_dir = step_dir / DEEPSPEED_DIR
-    if os.environ.get("DS_ACCELERATOR") is None and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    if list(ds_dir.glob("*optim_states.pt")):
-        import contextlib
-        import io
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        try:
-            # it prints its progress (stdout) and progress bars (stderr); errors still raise
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
-            return dict(state), "DeepSpeed ZeRO fp32 master weights (zero_to_fp32)"
-        except ValueError as e:
-            if "is not a zero checkpoint" not in str(e):
-                raise EngineError(f"DeepSpeed checkpoint {ds_dir} could not be consolidated: "
-                                  f"{str(e).splitlines()[0]}") from None
-        except (FileNotFoundError, RuntimeError, KeyError) as e:
-            raise EngineError(f"DeepSpeed checkpoint {ds_dir} could not be consolidated "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    states = _ds_model_states(ds_dir)  # ZeRO stage 0: the whole module state dict
-    module = states.get("module")
-    if not module:
-        raise EngineError(f"DeepSpeed checkpoint {ds_dir} holds neither ZeRO optimizer partitions nor a module state dict")
-    if any(v.is_floating_point() and v.dtype != torch.float32 for v in module.values()):
-        masters = (states.get("optimizer") or {}).get("fp32_groups")
-        if masters:  # stage 0 under bf16/fp16: the fp32 masters, matched to names by the model (below)
-            return {**module, _FP32_GROUPS: masters}, "DeepSpeed stage-0 fp32 master weights"
-        return module, "DeepSpeed module state dict (16-bit: no fp32 master copy in the checkpoint)"
-    return module, "DeepSpeed module state dict"
-
-
-_FP32_GROUPS = "__deepspeed_fp32_groups__"
-
-
-def _apply_fp32_groups(state: dict, model: torch.nn.Module, weight_decay: float) -> bool:
-    """DeepSpeed stage 0 with bf16/fp16 keeps the fp32 master weights as lists per optimizer param
-    group, in the order the engine built the groups (backends.optim.param_groups: matrices, then
-    the rest, each in named_parameters order). Map them back to names; every shape must agree and
-    the 16-bit module weights must be the masters rounded, else the masters are not used."""
-    from backends.optim import param_groups
-    groups = state.pop(_FP32_GROUPS, None)
-    if groups is None:
-        return False
-    names = {id(p): n for n, p in model.named_parameters()}
-    ordered = [names[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
-    flat = [t for g in groups for t in g]
-    if len(flat) != len(ordered):
-        return False
-    masters = {}
-    for name, tensor in zip(ordered, flat):
-        low = state.get(name)
-        if low is None or tuple(low.shape) != tuple(tensor.shape) or not torch.equal(tensor.to(low.dtype), low):
-            return False
-        masters[name] = tensor.float()
-    ptr = {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}
-    by_ptr = {ptr[n]: t for n, t in masters.items()}
-    for name in list(state):  # tied aliases (lm_head.weight) take their master too
-        if name in ptr and ptr[name] in by_ptr:
-            state[name] = by_ptr[ptr[name]]
-    return True
-
-
-def _read_colossal(folder: Path, mmap: bool = False) -> dict:
-    from engine.modeling import bin_shards
-    files = bin_shards(folder, f"checkpoint {folder}")
-    if not files:
-        raise EngineError(f"checkpoint folder {folder} holds no .bin shards")
-    state = {}
-    for f in files:
-        try:
-            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=mmap))
-        except Exception as e:  # noqa: BLE001
-            raise EngineError(f"checkpoint shard {f} is unreadable ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return state
-
-
-# -- shapes only (the resume check) ------------------------------------------------------------
-def checkpoint_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]] | None:
-    """Parameter name -> shape as the checkpoint recorded it, without reading tensor data (headers,
-    DeepSpeed's recorded shapes, memory-mapped shards); None when nothing is recorded."""
-    layout = checkpoint_layout(step_dir)
-    if layout == "ddp":
-        from safetensors import safe_open
-        from engine.modeling import check_safetensors
-        check_safetensors(step_dir / "model.safetensors", f"checkpoint {step_dir}")
-        with safe_open(str(step_dir / "model.safetensors"), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if layout == "deepspeed":
-        states = _ds_model_states(step_dir / DEEPSPEED_DIR)
-        shapes: dict[str, tuple[int, ...]] = {}
-        for group in states.get("param_shapes") or []:
-            shapes.update({k: tuple(v) for k, v in group.items()})
-        if not shapes:  # stage 0: the module state dict itself
-            shapes = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()}
-        return shapes or None
-    if layout == "colossal":  # the Booster's shards hold full (gathered, unpadded) tensors: memory-mapped
-        return {k: tuple(v.shape) for k, v in _read_colossal(step_dir / "model", mmap=True).items()}
-    return None
-
-
+# -- names and shapes (the resume check) ----------------------------------------------------------
 def model_param_shapes(module: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
     """The full (unpartitioned: ZeRO-3 keeps it in ds_shape) shape of every parameter name, tied
     aliases included (GPT-2's lm_head.weight is transformer.wte.weight), and the groups of names
@@ -261,7 +128,7 @@ def _fill_tied(state: dict, model: torch.nn.Module) -> None:
                 state.setdefault(n, state[have[0]])
 
 
-def _num_labels(cfg, state: dict) -> int | None:
+def _num_labels(cfg, shapes: dict | None) -> int | None:
     if cfg.task != "classification":
         return None
     if cfg.model.num_labels:
@@ -270,10 +137,37 @@ def _num_labels(cfg, state: dict) -> int | None:
         from engine.tasks.glue import GLUE_TASKS
         return GLUE_TASKS[cfg.data.glue_task].num_labels
     for key in ("score.weight", "classifier.weight"):
-        if key in state:
-            return int(state[key].shape[0])
+        if key in (shapes or {}):
+            return int(shapes[key][0])
     raise EngineError("classification checkpoint: cannot tell the number of labels (no model.num_labels, "
                       "glue_task or score weight)")
+
+
+def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path,
+                            model_desc: str = "the run's model") -> tuple[str, list[str]]:
+    """Load a checkpoint of any backend into a whole fp32 model, strictly: the backend that wrote it
+    reads its full weights (by the model's parameter names), TP vocabulary padding is trimmed, tied
+    names filled; one line naming the first parameter that does not fit. Returns the weights' source
+    (a few words) and the trimmed rows."""
+    from engine.universal import ModelNames
+    reader, layout = checkpoint_reader(step_dir)
+    names = ModelNames.of(model)
+    state, source = reader.read_weights(step_dir, layout, names.order, names.aliases)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    trimmed = _trim_vocab_padding(state, model)
+    _fill_tied(state, model)
+    diff = first_difference({k: tuple(v.shape) for k, v in state.items()}, *model_param_shapes(model))
+    if diff:
+        raise EngineError(f"checkpoint {step_dir} does not fit {model_desc}: {diff}")
+    state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise EngineError(f"checkpoint {step_dir} does not fit {model_desc}: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    if "lm_head.weight" not in state and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return source, trimmed
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
@@ -296,31 +190,17 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise EngineError(f"checkpoint {step_dir}: its run's config {run_dir / 'config.yaml'} is unreadable "
                           f"({type(e).__name__})") from None
-    state, source = read_state_dict(step_dir)
+    reader, layout = checkpoint_reader(step_dir)
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(cfg)
-    conf = load_model_config(cfg, tokenizer, _num_labels(cfg, state))
+    shapes = reader.checkpoint_shapes(step_dir, layout) if cfg.task == "classification" else None
+    conf = load_model_config(cfg, tokenizer, _num_labels(cfg, shapes))
     if hasattr(conf, "use_cache"):
         conf.use_cache = True  # training turned the KV cache off; generation wants it
     torch.manual_seed(0)
     model = task.auto_model_class().from_config(conf, dtype=torch.float32,
                                                 trust_remote_code=cfg.model.trust_remote_code)
-    if _FP32_GROUPS in state and not _apply_fp32_groups(state, model, cfg.train.weight_decay):
-        source = "DeepSpeed module state dict (16-bit: its fp32 master copy did not match the model's parameters)"
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
-    trimmed = _trim_vocab_padding(state, model)
-    _fill_tied(state, model)
-    diff = first_difference({k: tuple(v.shape) for k, v in state.items()}, *model_param_shapes(model))
-    if diff:
-        raise EngineError(f"checkpoint {step_dir} does not fit the run's model ({run_dir / 'config.yaml'}): {diff}")
-    state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise EngineError(f"checkpoint {step_dir} does not fit the run's model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")
-    if "lm_head.weight" not in state and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    source, trimmed = load_checkpoint_weights(model, step_dir, f"the run's model ({run_dir / 'config.yaml'})")
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -332,18 +212,19 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"step": trainer_state.get("step"), "checkpoint": str(step_dir), "output": str(out_dir),
-            "backend": checkpoint_layout(step_dir), "weights": source, "trimmed": trimmed}
+            "backend": layout["backend"], "weights": source, "trimmed": trimmed}
 
 
 def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False) -> torch.nn.Module:
     """Before anything in the run directory is touched: the checkpoint a relaunch will resume from
     must hold the parameters (names and shapes) of the model the config builds now. The model is
     built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
-    shapes are read from headers/recorded shapes. One line naming the first difference. Returns
-    the meta model (engine.universal.ModelNames reads its parameter names)."""
+    shapes come from the backend that wrote it (headers, recorded shapes). One line naming the first
+    difference. Returns the meta model (engine.universal.ModelNames reads its parameter names)."""
     with torch.device("meta"):
         model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
-    ckpt = checkpoint_param_shapes(directory)
+    reader, layout = checkpoint_reader(directory)
+    ckpt = reader.checkpoint_shapes(directory, layout)
     if ckpt is None:
         return model
     diff = first_difference(ckpt, *model_param_shapes(model))

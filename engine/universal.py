@@ -7,10 +7,10 @@ Any other is read here into a `backends.base.UniversalState` (full fp32 weights 
 keyed by parameter name, AdamW's step) and the new backend puts that into its own layout
 (`Backend.load_universal`); the LR schedule is set to the run's step. One log line says so.
 
-Reading (no process of the old layout is started): the weights as `engine export` reads them
-(engine.export.read_state_dict: model.safetensors, DeepSpeed's zero_to_fp32, the Booster's
-shards); the AdamW moments by the backend that wrote the files (`Backend.read_moments`, after its
-`convert_for_reading` on rank 0: DeepSpeed runs its own universal-checkpoint converter there).
+Reading (no process of the old layout is started) is the writing backend's: the weights through
+`Backend.read_weights` (as `engine export` reads them), the AdamW moments through
+`Backend.read_moments`, after its `convert_for_reading` on rank 0 (DeepSpeed runs its own
+universal-checkpoint converter there).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import MOMENTS, UniversalState, backend_class
-from engine.checkpoint import STATE_FILE, RunState, barrier, checkpoint_layout, saved_layout, set_rng_state
+from engine.checkpoint import STATE_FILE, RunState, barrier, saved_layout, set_rng_state
 from engine.errors import EngineError
 
 
@@ -65,9 +65,6 @@ def load_checkpoint(backend, directory: Path, names: ModelNames | None) -> tuple
     the layout changed, the one line that says so. All ranks call."""
     directory = Path(directory)
     saved, now = saved_layout(directory), backend.layout()
-    if saved is None:  # written before layout.json: only which backend's files it holds is known
-        files = checkpoint_layout(directory)
-        saved = now if files == now["backend"] else {"backend": files}
     note = None
     if saved == now:
         backend.load_state(directory)
@@ -127,12 +124,11 @@ def _from_rank0(value):
 def read_universal(directory: Path, names: ModelNames, saved: dict, scratch: Path) -> UniversalState:
     """A checkpoint written in layout `saved` as full fp32 tensors by name. `scratch`: where the
     writing backend's convert_for_reading put anything it converted."""
-    from engine.export import read_state_dict
     directory = Path(directory)
-    raw, _ = read_state_dict(directory)
+    source = backend_class(saved["backend"])
+    raw, _ = source.read_weights(directory, saved, names.order, names.aliases)
     weights = {name: _lookup(raw, name, names).float() for name in names.order}
-    moments, step = backend_class(saved["backend"]).read_moments(directory, names.order, names.aliases, saved,
-                                                                 scratch)
+    moments, step = source.read_moments(directory, names.order, names.aliases, saved, scratch)
     for name, shape in names.shapes.items():
         if tuple(weights[name].shape) != shape:  # TP vocabulary padding the Booster kept, if any
             weights[name] = weights[name][tuple(slice(0, n) for n in shape)].contiguous()

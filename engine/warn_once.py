@@ -10,7 +10,7 @@ turns a warning into an exception raises before anything is shown, and log recor
 always pass.
 
 Called at the start of every worker process (engine.worker.run) and in the launcher
-(engine.cli.resolve_job).
+(engine.preflight.resolve_job).
 """
 from __future__ import annotations
 

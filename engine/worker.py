@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from engine import testhooks
 from engine.errors import EngineError
 
 
@@ -48,32 +47,57 @@ def oom_advice(cfg) -> str:
 CONTINUE_KEY = "_continue"  # set in the config dict by `--continue`; not a config key
 
 
+class RankSession:
+    """One rank's life around a backend, shared by training (run) and `engine eval`: join the
+    process group, make the backend (`start`), and on the way out turn running out of GPU memory
+    into the one-line `out_of_memory` advice, close the backend and leave the process group (when
+    this session joined it: a caller that set the group up keeps it, as the test drivers do)."""
+
+    def __init__(self, backend_cls, out_of_memory: str) -> None:
+        self.backend_cls, self.out_of_memory = backend_cls, out_of_memory
+        self.backend = None
+
+    def __enter__(self) -> "RankSession":
+        if not torch.cuda.is_available():  # transformers imports an installed DeepSpeed, which warns otherwise
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.owns_process_group = not dist.is_initialized()
+        self.backend_cls.init_distributed()
+        return self
+
+    def start(self, spec, options):
+        self.backend = self.backend_cls(spec, options)
+        return self.backend
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise EngineError(self.out_of_memory) from None
+        finally:
+            if self.backend is not None:
+                self.backend.close()
+            if self.owns_process_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def run(cfg_dict: dict) -> dict:
     """Run one rank of a training job described by a resolved config dict (plus CONTINUE_KEY:
     train a finished run further, `engine launch --continue`)."""
     from backends.base import backend_class
+    from engine import warn_once
     from engine.checkpoint import resumable_checkpoint
-    from engine.export import check_checkpoint_fits
     from engine.config import config_from_dict, validate
+    from engine.export import check_checkpoint_fits
     from engine.loop import train
-    from engine.universal import ModelNames
     from engine.metrics import log
     from engine.modeling import model_builder
+    from engine.universal import ModelNames
 
-    if not torch.cuda.is_available():  # transformers imports an installed DeepSpeed, which warns otherwise
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from engine import warn_once
     warn_once.install()  # library warnings once per process, not once per step
     cfg_dict = dict(cfg_dict)
     continue_run = bool(cfg_dict.pop(CONTINUE_KEY, False))
     cfg = config_from_dict(cfg_dict)
     validate(cfg)
-    testhooks.write_pid()
-    backend_cls = backend_class(cfg.backend.name)
-    owns_process_group = not dist.is_initialized()  # a caller that set it up keeps it (test drivers)
-    backend_cls.init_distributed()
-    backend = None
-    try:
+    with RankSession(backend_class(cfg.backend.name), oom_advice(cfg)) as session:
         task, tokenizer, data, conf = prepare_run(cfg)
         output_dir = Path(cfg.output_dir)
         # a relaunch: the newest intact checkpoint, which must be of this model (checked before
@@ -83,7 +107,7 @@ def run(cfg_dict: dict) -> dict:
         if resume[0] is not None:
             meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code)
             model_names = ModelNames.of(meta)  # built before any backend: ZeRO-3's zero.Init is not live yet
-        backend = backend_cls(cfg.training_spec(), cfg.backend_options())
+        backend = session.start(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             _write_config(cfg, output_dir)
@@ -93,13 +117,6 @@ def run(cfg_dict: dict) -> dict:
             dist.barrier()
         return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
                      tokenizer, output_dir, resume, continue_run=continue_run, model_names=model_names)
-    except torch.OutOfMemoryError:
-        raise EngineError(oom_advice(cfg)) from None
-    finally:
-        if backend is not None:
-            backend.close()
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _write_config(cfg, output_dir: Path) -> None:

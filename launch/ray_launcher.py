@@ -44,6 +44,16 @@ def require_ray():
     return ray
 
 
+def check_local_capacity(workers: int, use_gpu: bool) -> None:
+    """A private local instance gets this machine's CPUs (and GPUs): a job it can never hold is
+    refused before the instance (or anything else) is started."""
+    kind, total = ("GPU", _local_gpu_count()) if use_gpu else ("CPU", os.cpu_count() or 1)
+    if total < workers:
+        hint = "" if use_gpu else "; use --nproc N with N <= the CPU count, or a Ray cluster (--address)"
+        raise EngineError(f"{workers} {kind} worker(s) asked, but the local Ray instance has {total} {kind}(s) "
+                          f"(this machine's){hint}")
+
+
 class _RankWorker:
     """One rank. Plain class; wrapped with ray.remote at launch (so this module imports without Ray)."""
 

@@ -13,7 +13,14 @@ SHARED_DATA = Path(os.environ.get("ENGINE_SHARED_DATA", REPO.parent / "shared" /
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 MRPC = SHARED_DATA / "glue" / "MRPC"
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
-ENGINE = [sys.executable, "-m", "engine.cli"]
+ENGINE = [sys.executable, "-m", "launch.cli"]
+HOOKS = REPO / "tests" / "hooks"  # test-only fault injection (sitecustomize.py there says how)
+
+
+def with_hooks(env: dict) -> dict:
+    """`env` for a launched job whose processes take the test hooks (ENGINE_TEST_* variables)."""
+    path = os.pathsep.join(p for p in (str(HOOKS), env.get("PYTHONPATH") or os.environ.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path}
 
 
 def tiny_gpt2_dir(root: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 128,

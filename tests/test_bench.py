@@ -11,7 +11,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from launch.cli import main
 from tests.helpers import run_engine
 
 

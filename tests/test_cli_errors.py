@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import main
+from launch.cli import main
 from engine.worker import oom_advice
 from helpers import MRPC, SHAKESPEARE
 

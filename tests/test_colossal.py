@@ -3,8 +3,8 @@ every plugin that runs on CPU, exact resume, exports that load without ColossalA
 case through the real CLI, the one-line errors, and a check per compat.py patch that its upstream
 gap still exists.
 
-All 2-process training scenarios run inside ONE torchrun job (tests/drivers/run_many.py): each
-process pays the torch+transformers+colossalai import once.
+All 2-process training scenarios run inside the session's shared torchrun job (conftest.py
+shared_job, tests/drivers/run_many.py): each process pays the torch+transformers+colossalai import once.
 
 Tolerances (absolute, on metrics.jsonl `loss`, 4 steps, lr 1e-3, clipping at 1.0 active):
 - torch_ddp, low_level_zero 1/2: 1e-6. Same math as DDP; ZeRO reduces flattened buckets and
@@ -82,17 +82,20 @@ def _torchrun(scenarios: list[dict], path: Path, nproc: int = 2, timeout: int = 
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_gpt2) -> Path:
-    """Every 2-process scenario of this file in one torchrun job; returns the runs' root."""
-    root = tmp_path_factory.mktemp("colossal")
-    scenarios = [_scenario(tiny_gpt2, root / f"{task}-{variant}", task, variant)
-                 for task in TASKS for variant in VARIANTS]
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """Every 2-process scenario of this file, run in the session's shared job (conftest.py)."""
+    scenarios = [_scenario(model, root / f"{task}-{variant}", task, variant) for task in TASKS for variant in VARIANTS]
     for variant, task in RESUMED.items():  # stop at step 2, then relaunch into the same output_dir
         out = root / f"{task}-{variant}-resumed"
-        scenarios += [_scenario(tiny_gpt2, out, task, variant, "train.stop_at_step=2"),
-                      _scenario(tiny_gpt2, out, task, variant)]
-    _torchrun(scenarios, root / "scenarios.json")
+        scenarios += [_scenario(model, out, task, variant, "train.stop_at_step=2"), _scenario(model, out, task, variant)]
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def runs(shared_job) -> Path:
+    """The runs' root, with the job's log beside them (scenarios.log, read by _startup_lines)."""
+    root = shared_job.root(__name__)
+    (root / "scenarios.log").write_text(shared_job.log)
     return root
 
 
@@ -244,7 +247,7 @@ def test_gemini_on_cpu_fails_with_one_line(tmp_path, tiny_gpt2):
 
 def test_missing_colossalai_says_how_to_install(tmp_path, tiny_gpt2):
     code = ("import sys; sys.modules['colossalai'] = None\n"
-            "from engine.cli import main\n"
+            "from launch.cli import main\n"
             f"main(['launch', '--gpus', '0', '--nproc', '2', '--backend', 'colossal', "
             f"'model.name_or_path={tiny_gpt2}', 'data.train={SHAKESPEARE}', 'data.max_train_samples=16', "
             f"'data.block_size=32', 'output_dir={tmp_path / 'x'}'])")
@@ -389,12 +392,11 @@ def test_stock_gpt2_policy_still_targets_transformers_4():
 
 
 @pytest.mark.skipif(os.environ.get("ENGINE_TEST_4PROC") != "1", reason="4 processes on 2 cores: set ENGINE_TEST_4PROC=1")
-def test_tp_and_pp_together_four_processes(tmp_path, tiny_gpt2):
-    """tp_size=2 x pp_size=2 on 4 processes (1 data-parallel rank) against DDP on 2 x 4."""
+def test_tp_and_pp_together_four_processes(tmp_path, tiny_gpt2, runs):
+    """tp_size=2 x pp_size=2 on 4 processes (1 data-parallel rank) against DDP on 2 x 4 (the shared
+    job's references)."""
     scenarios = [_scenario(tiny_gpt2, tmp_path / f"{task}-tppp", task, "tp2", "backend.colossal.pp_size=2",
                            "backend.colossal.microbatches=2") for task in TASKS]
     _torchrun(scenarios, tmp_path / "scenarios.json", nproc=4)
-    ref = [_scenario(tiny_gpt2, tmp_path / f"{task}-ddp", task, "ddp") for task in TASKS]
-    _torchrun(ref, tmp_path / "ref.json", nproc=2)
     for task in TASKS:
-        _assert_close(losses(tmp_path / f"{task}-tppp"), losses(tmp_path / f"{task}-ddp"), REORDERED, task)
+        _assert_close(losses(tmp_path / f"{task}-tppp"), losses(runs / f"{task}-ddp"), REORDERED, task)

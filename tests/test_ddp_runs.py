@@ -1,43 +1,69 @@
-"""Real multi-process runs of the DDP backend through the real CLI (CPU, gloo).
+"""Real multi-process runs of the DDP backend (CPU, gloo).
 
-Each launch pays the torch/transformers import per process, so runs are module-scoped and
-shared by several assertions."""
+The 2-process runs are scenarios of the session's shared torchrun job (conftest.py); the 1-process
+runs train in this process (worker.run, as every launched rank does); the resume goes through the
+per-rank entry point `engine train` under an external torchrun. Runs are module-scoped and shared
+by several assertions."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics, run_engine
+from engine.config import load_config
+from engine.worker import run
+from helpers import MRPC, REPO, SHAKESPEARE, losses, metrics
+from launch.cli import main
 
 CLM_STEPS = 24
+# 9 eval blocks over 2 ranks in batches of 4: rank 0 scores 4 + 1, rank 1 scores 4 and runs its second
+# batch as a placeholder forward (collective backends need every rank to), which must not count
+EVAL_BLOCKS = 9
 
 
 def clm_args(model, out, *extra):
-    return [f"task=causal_lm", f"model.name_or_path={model}", f"data.train={SHAKESPEARE}",
-            "data.block_size=64", "data.validation_split=0.02", "data.max_eval_samples=64",
+    return ["task=causal_lm", f"model.name_or_path={model}", f"data.train={SHAKESPEARE}",
+            "data.block_size=64", "data.validation_split=0.02", f"data.max_eval_samples={EVAL_BLOCKS}",
             "train.micro_batch_size=4", f"train.max_steps={CLM_STEPS}", "train.lr=3e-3", "train.warmup_ratio=0.1",
             "train.weight_decay=0.1", "train.log_every=1", "train.eval_every=12", f"output_dir={out}", *extra]
 
 
+def mrpc_args(model, out):
+    return ["task=classification", f"model.name_or_path={model}", f"data.train={MRPC}", "data.glue_task=mrpc",
+            "data.block_size=128", "train.micro_batch_size=8", "train.max_steps=30", "train.lr=1e-3",
+            "train.log_every=5", f"output_dir={out}"]
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """The 2-process runs, in the session's shared job."""
+    return [load_config(None, clm_args(model, root / "two-procs")).to_dict(),
+            load_config(None, mrpc_args(model, root / "mrpc")).to_dict()]
+
+
+def cli(*args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_gpt2, tmp_path_factory):
+def runs(tiny_gpt2, tmp_path_factory, shared_job):
     root = tmp_path_factory.mktemp("ddp")
-    out = {}
-    out["two_procs"] = root / "two-procs"
-    run_engine(["launch", "--gpus", "0", "--nproc", "2", *clm_args(tiny_gpt2, out["two_procs"])])
+    out = {"two_procs": shared_job.root(__name__) / "two-procs"}
     out["accum"] = root / "one-proc-accum2"
-    run_engine(["launch", "--gpus", "0", "--nproc", "1", *clm_args(tiny_gpt2, out["accum"], "train.grad_accum=2")])
+    run(load_config(None, clm_args(tiny_gpt2, out["accum"], "train.grad_accum=2")).to_dict())
     # the same job stopped at step 10 (checkpoints at 5 and 10), then relaunched to the end
     out["resumed"] = root / "resumed"
     args = clm_args(tiny_gpt2, out["resumed"], "train.grad_accum=2", "train.save_every=5")
-    run_engine(["launch", "--gpus", "0", "--nproc", "1", *args, "train.stop_at_step=10"])
+    run(load_config(None, [*args, "train.stop_at_step=10"]).to_dict())
     out["stopped_losses"] = losses(out["resumed"])
     out["stopped_checkpoints"] = sorted(p.name for p in (out["resumed"] / "checkpoints").iterdir())
     # relaunched under an external torchrun through the per-rank entry point `engine train`
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                              "-m", "engine.cli", "train", *args], cwd=REPO, capture_output=True, text=True,
+                              "-m", "launch.cli", "train", *args], cwd=REPO, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     out["resume_log"] = resumed.stderr
@@ -63,7 +89,8 @@ def test_two_procs_equal_one_proc_with_grad_accum(runs):
     """2 ranks x micro-batch b == 1 rank x grad_accum 2 x b, step for step (fp32)."""
     np.testing.assert_allclose(losses(runs["two_procs"]), losses(runs["accum"]), rtol=0, atol=2e-6)
     e2, e1 = metrics(runs["two_procs"], "eval"), metrics(runs["accum"], "eval")
-    assert e2[-1]["eval_tokens"] == e1[-1]["eval_tokens"]  # every eval token scored once across ranks
+    # every eval token scored once across ranks: 9 full blocks of 64 tokens, 63 predicted in each
+    assert e2[-1]["eval_tokens"] == e1[-1]["eval_tokens"] == EVAL_BLOCKS * 63
     assert e2[-1]["eval_loss"] == pytest.approx(e1[-1]["eval_loss"], abs=1e-5)
 
 
@@ -90,23 +117,19 @@ def test_exported_model_generates_in_a_pipeline(runs, tiny_gpt2):
     text = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     # the CLI shows base and fine-tuned side by side for the same prompt
-    out = run_engine(["generate", tiny_gpt2, model_dir, "--prompt", "ROMEO:", "--max-new-tokens", "5"]).stdout
+    out = cli("generate", tiny_gpt2, model_dir, "--prompt", "ROMEO:", "--max-new-tokens", "5")
     assert out.count("--- ") == 2 and str(model_dir) in out and "=== prompt: 'ROMEO:'" in out
 
 
 def test_plot(runs, tmp_path):
     png = tmp_path / "m.png"
-    run_engine(["plot", runs["two_procs"], "-o", png])
+    cli("plot", runs["two_procs"], "-o", png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
-def mrpc_run(tiny_gpt2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mrpc") / "run"
-    run_engine(["launch", "--gpus", "0", "--nproc", "2", "task=classification", f"model.name_or_path={tiny_gpt2}",
-                f"data.train={MRPC}", "data.glue_task=mrpc", "data.block_size=128", "train.micro_batch_size=8",
-                "train.max_steps=30", "train.lr=1e-3", "train.log_every=5", f"output_dir={out}"])
-    return out
+def mrpc_run(shared_job):
+    return shared_job.root(__name__) / "mrpc"
 
 
 def test_mrpc_metrics_match_sklearn_on_exported_model(mrpc_run):

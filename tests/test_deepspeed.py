@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO backend: real 2-process runs on CPU (gloo), fp32, dropout 0.
 
 All training scenarios (DDP references, ZeRO 0-3, ZeRO-2/3 with CPU optimizer offload, ZeRO-3
-with parameter offload, resume, a seed-style DeepSpeed JSON) run inside ONE torchrun job through
-tests/drivers/run_many.py, so the 5-18 s torch/transformers import and DeepSpeed's comm set-up are
-paid once. Only the conflicting-JSON case goes through the real CLI (it fails in preflight, before
-any worker starts).
+with parameter offload, resume, a seed-style DeepSpeed JSON, bf16, torch.compile) run inside the
+session's shared torchrun job (conftest.py shared_job, tests/drivers/run_many.py), so the 5-18 s
+torch/transformers import and DeepSpeed's comm set-up are paid once. The real CLI runs the
+conflicting-JSON case (it fails in preflight, before any worker starts) and HF run_clm's own JSON.
 
 Cold machine: DeepSpeed JIT-builds deepspeed_shm_comm (about 1.5 min) and cpu_adam (3-8 min) into
 TORCH_EXTENSIONS_DIR; the Makefile keeps that cache outside the checkout so later runs reuse it.
@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from drivers.run_many import scenario_log
-from helpers import (MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine, run_many,
-                     small_data)
+from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine, small_data
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
 # HF run_clm-style ZeRO-2 file as recipes ship it: "auto" everywhere, the legacy "cpu_offload": true
@@ -77,50 +75,56 @@ def with_backend(cfg: dict, name: str, options: dict) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def job(tiny_gpt2, tmp_path_factory):
-    """One torchrun job with every training scenario of this file."""
-    root = tmp_path_factory.mktemp("deepspeed")
+def _runs(root: Path) -> dict:
+    """(setting, label) -> output_dir of every scenario below."""
+    runs = {(setting, label): root / setting / label for setting in SETTINGS for label, _, _ in VARIANTS}
+    runs.update({("resume", label): root / "resume" / label for label in ("zero2", "zero3")})
+    runs.update({("seed-json", ""): root / "seed-json", ("bf16", "zero3"): root / "bf16-zero3",
+                 ("compile", "eager"): root / "compile-eager", ("compile", "compiled"): root / "compile-compiled"})
+    return runs
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """This file's training scenarios, run in the session's shared 2-process job (conftest.py)."""
     DATA.update(small_data(root / "data", shakespeare_lines=3000, mrpc_rows=(200, 40)))
-    runs, scenarios = {}, []
+    runs, scenarios = _runs(root), []
     for setting, (task, clip, ga) in SETTINGS.items():
         for label, name, options in VARIANTS:
-            out = root / setting / label
-            runs[(setting, label)] = out
-            scenarios.append(with_backend(base_config(task, tiny_gpt2, out, clip, ga), name, options))
+            scenarios.append(with_backend(base_config(task, model, runs[(setting, label)], clip, ga), name, options))
     # resume: stopped at step 2 (checkpoint written), then relaunched to the end in the same dir;
     # compared with the uninterrupted clm-clip-ga2 runs of the same stage
     for label in ("zero2", "zero3"):
         options = next(o for name, _, o in VARIANTS if name == label)
-        out = root / "resume" / label
-        runs[("resume", label)] = out
-        cfg = with_backend(base_config("clm", tiny_gpt2, out, CLIP, 2), "deepspeed", options)
+        cfg = with_backend(base_config("clm", model, runs[("resume", label)], CLIP, 2), "deepspeed", options)
         stopped = json.loads(json.dumps(cfg))
         stopped["train"]["stop_at_step"] = 2
         scenarios += [stopped, cfg]
     # a seed-project DeepSpeed JSON full of "auto" (stage 2, CPU optimizer offload, WarmupDecayLR)
-    out = root / "seed-json"
-    runs[("seed-json", "")] = out
-    scenarios.append(with_backend(base_config("clm", tiny_gpt2, out, CLIP, 2), "deepspeed",
+    scenarios.append(with_backend(base_config("clm", model, runs[("seed-json", "")], CLIP, 2), "deepspeed",
                                   {"config_file": str(SEED_JSON)}))
     # bf16 under ZeRO-3 (DeepSpeed's own mixed precision: bf16 weights, fp32 master copy)
-    out = root / "bf16-zero3"
-    runs[("bf16", "zero3")] = out
-    cfg = with_backend(base_config("clm", tiny_gpt2, out, 0.0, 1), "deepspeed", {"zero_stage": 3})
+    cfg = with_backend(base_config("clm", model, runs[("bf16", "zero3")], 0.0, 1), "deepspeed", {"zero_stage": 3})
     cfg["train"]["precision"] = "bf16"
     scenarios.append(cfg)
-    # DeepSpeed scenario first: its backend joins the process group (deepspeed.init_distributed)
-    scenarios.sort(key=lambda c: c["backend"]["name"] != "deepspeed")
-    started = time.perf_counter()
-    proc = run_many(scenarios, root)
-    return {"runs": runs, "root": root, "log": proc.stdout + proc.stderr, "seconds": time.perf_counter() - started,
-            "model": tiny_gpt2, "n": len(scenarios)}
+    # torch.compile through DeepSpeed's own engine.compile() (ZeRO-2), and the same run eager
+    for label in ("eager", "compiled"):
+        cfg = with_backend(base_config("clm", model, runs[("compile", label)], 0.0, 1), "deepspeed", {"zero_stage": 2})
+        cfg["train"].update(adamw_impl="auto", save_final=False, compile=label == "compiled")
+        scenarios.append(cfg)
+    return scenarios
+
+
+@pytest.fixture(scope="module")
+def job(shared_job, tiny_gpt2):
+    root = shared_job.root(__name__)
+    return {"runs": _runs(root), "root": root, "log": shared_job.log, "seconds": shared_job.seconds,
+            "model": tiny_gpt2, "n": shared_job.scenarios}
 
 
 def parity_table(job) -> str:
     lines = [f"{len(VARIANTS)} variants x {len(SETTINGS)} settings, {STEPS} steps each, 2 processes (gloo), fp32; "
-             f"max |loss - DDP loss| over all steps in the last column. One torchrun job of {job['n']} scenarios "
-             f"took {job['seconds']:.0f} s.", ""]
+             f"max |loss - DDP loss| over all steps in the last column. The session's shared torchrun job of "
+             f"{job['n']} scenarios took {job['seconds']:.0f} s.", ""]
     for setting, (task, clip, ga) in SETTINGS.items():
         ref = losses(job["runs"][(setting, "ddp")])
         norms = [m["grad_norm"] for m in metrics(job["runs"][(setting, "ddp")])]
@@ -481,21 +485,37 @@ def test_library_warnings_once_per_process_in_zero3_runs(job):
         assert 1 <= log.count(message) <= 2, (message, log.count(message))
 
 
-def test_fp16_on_cpu_fails_in_preflight_before_spawning(tiny_gpt2, tmp_path):
-    import torch
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is supported on CUDA")
+def test_fp16_where_deepspeed_cannot_fails_in_preflight_before_spawning(tiny_gpt2, tmp_path, monkeypatch):
+    """Whether DeepSpeed's accelerator takes fp16 depends on the machine (a CPU with AVX-512 FP16 /
+    AMX does): where it does not, `engine launch` refuses in preflight, one line, nothing written.
+    In-process (CliRunner), with the accelerator saying it has no fp16."""
+    from click.testing import CliRunner
+    from deepspeed.accelerator import get_accelerator
+    from launch.cli import main
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     out = tmp_path / "out"
     args = ["launch", "--gpus", "0", "--nproc", "2", "--backend", "deepspeed", f"model.name_or_path={tiny_gpt2}",
             f"data.train={SHAKESPEARE}", "data.max_train_samples=16", "train.max_steps=2", "train.precision=fp16",
             f"output_dir={out}"]
-    proc = run_engine(args, check=False, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: train.precision=fp16 is not supported by DeepSpeed on this device (cpu); "
-                      "use bf16 or fp32"], proc.stderr
-    assert "Traceback" not in proc.stderr and "new run in" not in proc.stderr  # no worker started
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    device = get_accelerator().device_name()
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: train.precision=fp16 is not supported by DeepSpeed on this device ({device}); "
+                      "use bf16 or fp32"], result.output
+    assert "new run in" not in result.output  # refused before the run directory was settled
     assert not out.exists()  # nothing written
+
+
+def test_compile_gives_the_same_losses(job):
+    """DeepSpeed compiles through its own engine.compile() (its hooks stay in place): ZeRO-2 on 2
+    ranks, compiled and not, within the bound of the DDP compile test (tests/test_fast_path.py)."""
+    eager, compiled = (job["runs"][("compile", label)] for label in ("eager", "compiled"))
+    (logged,) = scenario_log(job["log"], compiled)
+    assert any("'compiled': True" in line for line in logged)
+    got, want = losses(compiled), losses(eager)
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    assert len(got) == STEPS and worst <= 1e-5, f"max |compiled - eager| = {worst:.3g}"
 
 
 def test_run_clm_recipe_json_runs_unedited_through_the_cli(tiny_gpt2, tmp_path):

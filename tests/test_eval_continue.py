@@ -1,16 +1,18 @@
 """`engine eval` (score a model, run or checkpoint without training) and `engine launch --continue`
 (train a finished run further), through the real CLI on real data (CPU, gloo).
 
-Launches are module-scoped and shared: a 6-step causal-LM run continued to 10 steps, and a short
-MRPC run. Single-process evals run in-process (CliRunner); one eval uses 2 processes."""
+Runs are module-scoped and shared: a 6-step causal-LM run (trained in this process) continued to
+10 steps through the real `engine launch --continue`, and a short MRPC run. Single-process evals
+run in-process (CliRunner); one eval uses 2 processes through the torchrun launcher."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from launch.cli import main
 from helpers import MRPC, SHAKESPEARE, metrics, run_engine
 
 LR = 3e-3
@@ -21,6 +23,12 @@ def clm_args(model, out, steps):
             "data.validation_split=0.02", "data.max_eval_samples=24", "train.micro_batch_size=4",
             f"train.max_steps={steps}", f"train.lr={LR}", "train.log_every=1", "train.scheduler=linear",
             f"output_dir={out}"]
+
+
+def train(overrides: list[str]) -> None:
+    from engine.config import load_config
+    from engine.worker import run
+    run(load_config(None, overrides).to_dict())
 
 
 def cli(*args):
@@ -39,7 +47,7 @@ def assert_one_line_error(code, out, *fragments):
 @pytest.fixture(scope="module")
 def clm_run(tiny_gpt2, tmp_path_factory):
     run = tmp_path_factory.mktemp("clm") / "run"
-    run_engine(["launch", "--gpus", "0", "--nproc", "1", *clm_args(tiny_gpt2, run, 6)])
+    train(clm_args(tiny_gpt2, run, 6))  # in this process, as a launched rank runs it
     before = {"metrics": (run / "metrics.jsonl").read_text(),
               "export": (run / "model" / "model.safetensors").read_bytes()}
     cont = run_engine(["launch", "--gpus", "0", "--nproc", "1", "--continue", *clm_args(tiny_gpt2, run, 10)])
@@ -106,9 +114,9 @@ def test_continue_refusals(tiny_gpt2, tmp_path):
 def mrpc(tiny_gpt2, tmp_path_factory):
     root = tmp_path_factory.mktemp("mrpc")
     run = root / "run"
-    run_engine(["launch", "--gpus", "0", "--nproc", "1", "task=classification", f"model.name_or_path={tiny_gpt2}",
-                f"data.train={MRPC}", "data.glue_task=mrpc", "data.max_train_samples=64", "train.micro_batch_size=8",
-                "train.max_steps=4", "train.lr=1e-3", f"output_dir={run}"])
+    train(["task=classification", f"model.name_or_path={tiny_gpt2}", f"data.train={MRPC}", "data.glue_task=mrpc",
+           "data.max_train_samples=64", "train.micro_batch_size=8", "train.max_steps=4", "train.lr=1e-3",
+           f"output_dir={run}"])
     # the export on one process (in-process) and on two (through the torchrun launcher)
     code, out = cli("eval", run / "model", "--data", MRPC, "--glue-task", "mrpc", "--gpus", "0",
                     "--output", root / "one.json", "--predictions", root / "one.jsonl")
@@ -209,13 +217,18 @@ def test_eval_refusals_are_one_line_and_write_nothing(clm_run, mrpc, tiny_gpt2, 
     assert_one_line_error(code, out, "--data is required")
     code, out = cli("eval", tmp_path / "nope", "--gpus", "0", "--output", out_file)
     assert_one_line_error(code, out, "not found")
-    # another backend's checkpoint: its own sharded format
-    ds_run = tmp_path / "ds"
-    (ds_run / "checkpoints" / "step-2").mkdir(parents=True)
-    (ds_run / "checkpoints" / "step-2" / "trainer_state.json").write_text('{"step": 2}')
-    (ds_run / "config.yaml").write_text("backend: {name: deepspeed}\n")
-    code, out = cli("eval", ds_run / "checkpoints" / "step-2", "--gpus", "0", "--output", out_file)
-    assert_one_line_error(code, out, "deepspeed backend", str(ds_run / "model"))
+    # a checkpoint that does not say which backend wrote it (no layout.json), or a damaged one
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(mrpc["run"], run, ignore=lambda folder, names: ["model"] if Path(folder) == mrpc["run"] else [])
+    step = run / "checkpoints" / "step-4"
+    (step / "layout.json").unlink()
+    code, out = cli("eval", step, "--gpus", "0", "--output", out_file)
+    assert_one_line_error(code, out, f"checkpoint {step} cannot be read", "no layout.json")
+    (step / "layout.json").write_text('{"backend": "ddp"}')
+    (step / "model.safetensors").write_bytes((step / "model.safetensors").read_bytes()[:100])
+    code, out = cli("eval", step, "--gpus", "0", "--output", out_file)
+    assert_one_line_error(code, out, f"checkpoint {step} cannot be read", "is corrupt")
     assert not out_file.exists()
 
 

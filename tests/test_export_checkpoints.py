@@ -1,8 +1,8 @@
 """`engine export` (issue 12): a consolidated HF folder from a mid-run checkpoint of every backend,
 and the resume path's refusal of a checkpoint of another model / fallback past a corrupted one.
 
-All training runs are ONE torchrun job (tests/drivers/run_many.py, 2 processes, fp32, tiny GPT-2,
-dropout 0, constant lr). Each backend runs 4 steps with save_every=2; the step-2 checkpoint (not the
+All training runs are scenarios of the session's shared torchrun job (conftest.py shared_job:
+tests/drivers/run_many.py, 2 processes, fp32, tiny GPT-2, dropout 0, constant lr). Each backend runs 4 steps with save_every=2; the step-2 checkpoint (not the
 run's final model/) is exported and compared with the final model/ of a DDP run of max_steps=2
 (same seed, data, global batch): the per-step losses of these backends equal DDP's (their parity
 tests), so the step-2 weights must too. The step-4 export must equal the backend's own final model/
@@ -11,12 +11,11 @@ export. The export itself runs in-process (one CPU process, no launch), as `engi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_error_line, losses, run_engine, run_many, small_data, tiny_gpt2_dir
+from helpers import assert_one_error_line, losses, run_engine, small_data, tiny_gpt2_dir
 
 TOL = 1e-5  # max |logit difference| against the reference (fp32; TP reorders sums: ~6e-6 measured)
 # these backends' step-2 weights equal DDP's bit for bit (the same torch AdamW update order);
@@ -85,17 +84,18 @@ def scenarios(model: Path, data: dict, root: Path) -> list[dict]:
     out.append(config("clm", model, data, root / "stopped", "ddp", {}, steps=6, stop_at_step=4))
     out.append(config("clm", model, data, root / "ds-stopped", "deepspeed", {"zero_stage": 3}, steps=6,
                       stop_at_step=2))
-    out.sort(key=lambda c: c["backend"]["name"] != "deepspeed")  # DeepSpeed joins the process group first
     return out
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """Run in the session's shared 2-process job (conftest.py), with this file's own tiny model."""
     model = tiny_gpt2_dir(root / "models")
-    run_many(scenarios(model, small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16)), root), root,
-             timeout=1500)
-    return root
+    return scenarios(model, small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16)), root)
+
+
+@pytest.fixture(scope="module")
+def job(shared_job):
+    return shared_job.root(__name__)
 
 
 def _labels() -> list[str]:
@@ -168,20 +168,43 @@ def test_bf16_export_takes_the_fp32_master_weights(job, label, tmp_path):
     assert sum(int((t != t.to(torch.bfloat16).float()).sum()) for t in got.values()) > 1000
 
 
+@pytest.mark.parametrize("label", ["zero3", "cls-zero3", "cls-col-tp2"])
+def test_eval_of_any_backends_checkpoint_scores_as_its_export(job, label, tmp_path):
+    """`engine eval RUN/checkpoints/step-4` of a DeepSpeed or ColossalAI run (the backend that wrote
+    the files reads their full weights, as for `engine export`) scores the run's eval set as the
+    run's own step-4 model/ export does; in-process, one CPU process."""
+    if "col" in label and not _have("colossalai"):
+        pytest.skip("colossalai is not installed")
+    from click.testing import CliRunner
+    from launch.cli import main
+    reports = {}
+    for name, source in (("ckpt", job / label / "checkpoints" / f"step-{STEPS}"), ("export", job / label / "model")):
+        result = CliRunner().invoke(main, ["eval", str(source), "--gpus", "0", "--output", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / name).read_text())
+    assert reports["ckpt"]["source"] == "checkpoint" and reports["ckpt"]["step"] == STEPS
+    got, want = reports["ckpt"]["metrics"], reports["export"]["metrics"]
+    assert got.keys() == want.keys() and got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+    assert {k: v for k, v in got.items() if k != "eval_loss"} == pytest.approx(
+        {k: v for k, v in want.items() if k != "eval_loss"}, abs=1e-6)
+
+
 def test_engine_export_command_and_pipeline(job, tmp_path):
-    """The real CLI (one process, no launch), then transformers.pipeline on its output."""
+    """The CLI's export (one process, no launch: here in this one), then transformers.pipeline on its output."""
+    from click.testing import CliRunner
+    from launch.cli import main
     out = tmp_path / "zero3-step-2"
-    proc = run_engine(["export", job / "zero3" / "checkpoints" / "step-2", out])
-    assert "exported step 2" in proc.stdout and "zero_to_fp32" in proc.stdout
+    result = CliRunner().invoke(main, ["export", str(job / "zero3" / "checkpoints" / "step-2"), str(out)])
+    assert result.exit_code == 0 and "exported step 2" in result.output and "zero_to_fp32" in result.output
     from transformers import pipeline
     gen = pipeline("text-generation", model=str(out))
     text = gen("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     # an existing, non-empty output is never overwritten: one line, exit 2
     before = (out / "model.safetensors").stat().st_mtime_ns
-    proc = run_engine(["export", job / "zero3" / "checkpoints" / "step-4", out], check=False)
-    assert proc.returncode == 2
-    assert_one_error_line(proc.stderr, "error: output")
+    result = CliRunner().invoke(main, ["export", str(job / "zero3" / "checkpoints" / "step-4"), str(out)])
+    assert result.exit_code == 2
+    assert_one_error_line(result.output, "error: output")
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -229,13 +252,15 @@ def _tree(run: Path) -> dict:
 def test_resume_refuses_a_checkpoint_of_another_model(job, tmp_path, label, other):
     """Relaunching a run with a model config that differs from its checkpoint's: one line naming the
     first parameter that differs, exit 2, nothing in the run directory touched."""
+    from click.testing import CliRunner
+    from launch.cli import main
     run = job / label
     model = tiny_gpt2_dir(tmp_path, **other)
     before = _tree(run)
-    proc = run_engine(["train", run / "config.yaml", f"model.name_or_path={model}"], check=False,
-                      env={"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/engine/torch_extensions"))})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    line = assert_one_error_line(proc.stderr, "error: checkpoint ")
+    # the per-rank entry point in this process: the check comes before any backend or process group
+    result = CliRunner().invoke(main, ["train", str(run / "config.yaml"), f"model.name_or_path={model}"])
+    assert result.exit_code == 2, result.output[-3000:]
+    line = assert_one_error_line(result.output, "error: checkpoint ")
     want = ("parameter transformer.wte.weight (stored as lm_head.weight) has shape [50257, 32] in the checkpoint "
             "but [50257, 48] in the model" if "n_embd" in other else
             "parameter transformer.h.2.ln_1.weight [32] of the model is not in the checkpoint")

@@ -1,6 +1,7 @@
 """The device fast path, checked on CPU: the AdamW implementations agree, torch.compile and the
 attention implementations give the losses of the plain path, and keeping losses on the device
-between log steps loses nothing (a log window's loss is the mean of its steps' losses)."""
+between log steps loses nothing (a log window's loss is the mean of its steps' losses). In-process;
+the plain run is trained once. DeepSpeed's compile path: tests/test_deepspeed.py."""
 import pytest
 
 from engine.config import load_config
@@ -14,54 +15,58 @@ STEPS = 6
 def job(model, out, *extra):
     return load_config(None, ["task=causal_lm", f"model.name_or_path={model}", f"data.train={SHAKESPEARE}",
                               "data.block_size=32", "data.max_train_samples=96", "train.micro_batch_size=4",
-                              f"train.max_steps={STEPS}", "train.lr=1e-3", "train.log_every=1",
+                              f"train.max_steps={STEPS}", "train.lr=1e-3", "train.weight_decay=0.01", "train.log_every=1",
                               "train.save_final=false", f"output_dir={out}", *extra]).to_dict()
 
 
-def test_default_adamw_matches_the_deterministic_path(tiny_gpt2, tmp_path):
+@pytest.fixture(scope="module")
+def plain(tiny_gpt2, tmp_path_factory):
+    """The job as users run it by default (adamw_impl auto = foreach on CPU, sdpa attention, eager,
+    log_every=1), trained once: the reference of every comparison below."""
+    out = tmp_path_factory.mktemp("fast-path") / "plain"
+    run(job(tiny_gpt2, out))
+    return out
+
+
+def test_default_adamw_matches_the_deterministic_path(tiny_gpt2, tmp_path, plain):
     """auto (foreach on CPU, fused on CUDA) and fused against for_loop, 6 steps at lr 1e-3 with
     weight decay and clipping. All three compute the same elementwise AdamW update; measured on this
     CPU they are bit-identical (difference 0). The 1e-5 bound (about 10 float32 ulps at a loss of
     10.8) leaves room for a fused kernel that contracts multiply-adds (FMA) differently, as the CUDA
     kernels may; a wrong update (a missing bias correction, decay on the wrong group) moves these
     losses by 1e-3 or more."""
-    ref_dir, extra = tmp_path / "for_loop", ("train.weight_decay=0.01",)
-    run(job(tiny_gpt2, ref_dir, "train.adamw_impl=for_loop", *extra))
-    ref = losses(ref_dir)
-    for impl in ("auto", "fused"):
-        run(job(tiny_gpt2, tmp_path / impl, f"train.adamw_impl={impl}", *extra))
-        got = losses(tmp_path / impl)
+    run(job(tiny_gpt2, tmp_path / "for_loop", "train.adamw_impl=for_loop"))
+    run(job(tiny_gpt2, tmp_path / "fused", "train.adamw_impl=fused"))
+    ref = losses(tmp_path / "for_loop")
+    for impl, got in (("auto", losses(plain)), ("fused", losses(tmp_path / "fused"))):
         worst = max(abs(a - b) for a, b in zip(got, ref))
         assert len(got) == STEPS and worst <= 1e-5, f"{impl}: max |loss - for_loop loss| = {worst:.3g}"
     assert ref[-1] < ref[0]
 
 
-def test_window_loss_is_the_mean_of_its_steps(tiny_gpt2, tmp_path):
+def test_window_loss_is_the_mean_of_its_steps(tiny_gpt2, tmp_path, plain):
     """Losses are summed on the device and read once per log window: log_every=3 must report the
     mean of the per-step losses that log_every=1 reports, and the same token counts."""
-    run(job(tiny_gpt2, tmp_path / "every1"))
     run(job(tiny_gpt2, tmp_path / "every3", "train.log_every=3"))
-    per_step, windows = losses(tmp_path / "every1"), losses(tmp_path / "every3")
+    per_step, windows = losses(plain), losses(tmp_path / "every3")
     assert [r["step"] for r in metrics(tmp_path / "every3")] == [3, 6]
     assert windows == pytest.approx([sum(per_step[:3]) / 3, sum(per_step[3:]) / 3], abs=1e-12)
 
 
-def test_compile_gives_the_same_losses(tiny_gpt2, tmp_path):
+def test_compile_gives_the_same_losses(tiny_gpt2, tmp_path, plain):
     """torch.compile (inductor, C++ on CPU) fuses elementwise ops and reorders reductions: measured
     worst per-step difference from eager is 9.5e-7 (one float32 ulp at 10.8); bound 1e-5."""
-    run(job(tiny_gpt2, tmp_path / "eager"))
     run(job(tiny_gpt2, tmp_path / "compiled", "train.compile=true"))
-    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    eager, compiled = losses(plain), losses(tmp_path / "compiled")
     worst = max(abs(a - b) for a, b in zip(eager, compiled))
     assert len(compiled) == STEPS and worst <= 1e-5, f"max |compiled - eager| = {worst:.3g}"
 
 
-def test_attention_implementations_agree(tiny_gpt2, tmp_path):
-    """sdpa (GPT-2's default) and eager attention are the same math; on CPU in fp32 they agree to
-    float32 rounding. The model really is built with the implementation asked for."""
-    run(job(tiny_gpt2, tmp_path / "sdpa", "model.attn_implementation=sdpa"))
+def test_attention_implementations_agree(tiny_gpt2, tmp_path, plain):
+    """sdpa (GPT-2's default, the plain run's) and eager attention are the same math; on CPU in fp32
+    they agree to float32 rounding. The model really is built with the implementation asked for."""
     run(job(tiny_gpt2, tmp_path / "eager", "model.attn_implementation=eager"))
-    assert losses(tmp_path / "sdpa") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
+    assert losses(plain) == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
     from engine.modeling import model_builder
     cfg = load_config(None, [f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32",
                              "model.attn_implementation=eager"])
@@ -89,20 +94,3 @@ def test_compile_is_refused_where_the_backend_cannot(tiny_gpt2):
                       backend="colossal")
     with pytest.raises(EngineError, match="train.compile is not supported by the colossal backend"):
         backend_class("colossal").preflight(cfg.training_spec(), cfg.backend_options())
-
-
-def test_deepspeed_compile_gives_the_same_losses(tiny_gpt2, tmp_path):
-    """DeepSpeed compiles through its own engine.compile() (its hooks stay in place): ZeRO-2 in one
-    process, compiled and not, within the bound of the DDP compile test."""
-    pytest.importorskip("deepspeed")
-    from helpers import run_engine
-    base = ["launch", "--gpus", "0", "--nproc", "1", "--backend", "deepspeed", "backend.deepspeed.zero_stage=2",
-            "task=causal_lm", f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32",
-            "data.max_train_samples=64", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-3",
-            "train.log_every=1", "train.save_final=false"]
-    run_engine(base + [f"output_dir={tmp_path / 'eager'}"])
-    compiled = run_engine(base + [f"output_dir={tmp_path / 'compiled'}", "train.compile=true"])
-    assert "'compiled': True" in compiled.stderr
-    eager, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    worst = max(abs(a - b) for a, b in zip(eager, got))
-    assert len(got) == 4 and worst <= 1e-5, f"max |compiled - eager| = {worst:.3g}"

@@ -57,16 +57,22 @@ def test_one_example_per_row_without_packing(tiny_gpt2, tmp_path):
 
 @pytest.mark.fast
 def test_no_weight_decay_on_biases_and_norms(tiny_gpt2):
+    """The optimizer a backend really builds: every bias and every LayerNorm parameter undecayed,
+    every matrix decayed, each parameter (tied wte/lm_head once) in exactly one group."""
     from transformers import AutoModelForCausalLM
-    from backends.optim import param_groups
-    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(names[id(p)].endswith("bias") or ".ln_" in names[id(p)] for p in no_decay["params"])
-    assert any("attn.c_attn.weight" in names[id(p)] for p in decay["params"])
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(
-        p.numel() for p in model.parameters())  # tied wte/lm_head counted once
+    from backends.base import OptimizerSpec, SchedulerSpec, TrainingSpec
+    from backends.ddp import DDPBackend, DDPOptions
+    spec = TrainingSpec("causal_lm", "fp32", 1, 1, 0.0, OptimizerSpec(1e-3, 0.1, (0.9, 0.999), 1e-8), "constant")
+    backend = DDPBackend(spec, DDPOptions())
+    backend.setup(lambda: AutoModelForCausalLM.from_pretrained(tiny_gpt2), SchedulerSpec("constant", 0, 1))
+    names = {id(p): n for n, p in backend.module.named_parameters()}
+    decay_of = {names[id(p)]: g["weight_decay"] for g in backend.optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in backend.optimizer.param_groups) == len(decay_of) == len(names)
+    undecayed = {n for n in names.values() if n.endswith(".bias") or ".ln_" in n}
+    assert len(undecayed) > 10 and any(".ln_f." in n for n in undecayed)
+    assert {n for n, wd in decay_of.items() if wd == 0.0} == undecayed
+    assert {n for n, wd in decay_of.items() if wd == 0.1} == set(names.values()) - undecayed
+    assert "transformer.h.0.attn.c_attn.weight" in set(names.values()) - undecayed
 
 
 def test_embedded_default_job_runs_and_its_export_generates(tmp_path):

@@ -1,10 +1,13 @@
 """One run directory, one live job; SIGTERM saves. Real `engine launch` processes (torchrun's
-elastic agent, 2 CPU workers):
-- a second launch on a directory whose job is still running gets one line naming the holder, exit
-  2, and writes nothing; a lock left by a SIGKILLed launcher does not block the relaunch;
-- SIGTERM to the launcher (what a cluster sends on preemption): the workers finish their step,
-  write a checkpoint, the launcher says where it stopped and exits 143; the relaunch's per-step
-  losses equal an uninterrupted run's.
+elastic agent, or Ray, with 2 CPU workers):
+- SIGTERM to the launcher (what a cluster sends on preemption) while the ranks stand right after
+  step 3, no periodic save step: the workers finish their step, write a checkpoint, the launcher
+  says where it stopped and exits 143; the relaunch resumes from that checkpoint and its per-step
+  losses equal an uninterrupted run's (conftest.py launch_reference);
+- meanwhile, a second launch on the live directory gets one line naming the holder, exit 2, and
+  writes nothing (in this process: it is refused before any process starts);
+- the lock the first launcher held, left behind as a SIGKILLed launcher leaves it, does not block
+  the relaunch.
 """
 from __future__ import annotations
 
@@ -13,85 +16,47 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from helpers import losses, metrics
-from test_launch import STEPS, Launch, job, launch_ok
+from helpers import assert_one_error_line, losses
+from launch.cli import main
+from launching import SAVE_EVERY, STEPS, Launch, job, launch_ok, wait_for
 
 LOCK = ".engine.lock"
+STOP_STEP = 3  # the ranks pause right after this step: no periodic save step
+assert STOP_STEP % SAVE_EVERY != 0 and STOP_STEP < STEPS
 
 
-def _wait_for(predicate, launch: Launch, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert launch.proc.poll() is None, f"the job ended before {what}:\n" + launch.log.read_text()[-4000:]
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} never happened:\n" + launch.log.read_text()[-4000:])
-
-
-def _train_steps(out: Path) -> int:
-    try:
-        return len(metrics(out))
-    except (OSError, ValueError):
-        return 0
-
-
-def _paused(model, out, seconds: int):
-    """The shared tiny job, paused after its step-2 checkpoint (first attempt only), so a test can
-    act while it is surely running."""
-    return job(model, out), {"ENGINE_TEST_PAUSE": f"saved:2:{seconds}"}
-
-
-def test_second_launch_on_a_live_run_is_refused_and_a_dead_holder_does_not_block(tiny_gpt2, tmp_path):
-    out = tmp_path / "run"
-    args, env = _paused(tiny_gpt2, out, 120)  # killed long before the pause ends
-    first = Launch(["--gpus", "0", "--nproc", "2", *args], tmp_path / "first.log", env)
-    try:
-        # in the pause after its step-2 checkpoint: its files do not change until it is killed
-        _wait_for(lambda: (out / LOCK).exists() and (out / "checkpoints" / "step-2").is_dir(), first,
-                  "the first job's step-2 checkpoint")
-        holder = json.loads((out / LOCK).read_text())
-        assert holder["pid"] == first.proc.pid and holder["host"] == socket.gethostname()
-        before = sorted(p.name for p in out.rglob("*"))
-        events_before = (out / "metrics.jsonl").read_text()
-        second = Launch(["--gpus", "0", "--nproc", "2", *args], tmp_path / "second.log")
-        code, text = second.wait(300)
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        assert code == 2, text
-        assert lines[-1].startswith("error: output_dir") and f"pid {first.proc.pid}" in lines[-1], text
-        assert sum(ln.startswith("error:") for ln in lines) == 1 and "Traceback" not in text
-        assert (out / "metrics.jsonl").read_text().startswith(events_before)  # the second wrote nothing there
-        assert sorted(p.name for p in out.rglob("*")) == before  # nothing added, nothing removed
-    finally:
-        first.stop()  # SIGKILL to its whole session: the lock is left behind
-    assert (out / LOCK).exists()
-    relaunch = launch_ok(["--gpus", "0", "--nproc", "2", *args], tmp_path / "relaunch.log")
-    assert "taking over the lock of a job that is gone" in relaunch
-    assert len(losses(out)) == STEPS and not (out / LOCK).exists()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_gpt2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], out.parent / "ref.log")
-    return losses(out)
+def _second_launch_is_refused(model, out, holder_pid: int) -> None:
+    before = sorted(p.name for p in out.rglob("*"))
+    events_before = (out / "metrics.jsonl").read_text()
+    result = CliRunner().invoke(main, ["launch", "--gpus", "0", "--nproc", "2", *job(model, out)])
+    assert result.exit_code == 2, result.output
+    line = assert_one_error_line(result.output, "error: output_dir")
+    assert f"pid {holder_pid}" in line and "is in use by another job" in line, line
+    assert result.output.strip().splitlines() == [line]  # nothing said before the refusal (no "resuming")
+    assert (out / "metrics.jsonl").read_text().startswith(events_before)  # the second wrote nothing there
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing added, nothing removed
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "ray"])
-def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, uninterrupted, launcher):
+def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, launch_reference, launcher):
     """torchrun's agent forwards the signal to the workers; Ray's driver asks its actors through the
     run directory (engine.preemption.request_stop). Either way: the same stop, exit and resume."""
     if launcher == "ray":
         pytest.importorskip("ray")
-    out = tmp_path / "run"
-    args, env = _paused(tiny_gpt2, out, 5)
-    first = Launch(["--launcher", launcher, "--gpus", "0", "--nproc", "2", *args], tmp_path / "first.log", env)
+    out, pids = tmp_path / "run", tmp_path / "pids"
+    pids.mkdir()
+    first = Launch(["--launcher", launcher, "--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)],
+                   tmp_path / "first.log", {"ENGINE_TEST_PAUSE": f"step:{STOP_STEP}:120", "ENGINE_TEST_PID_DIR": str(pids)})
     try:
-        _wait_for(lambda: _train_steps(out) >= 2, first, "step 2")
+        wait_for(lambda: (pids / "rank0.paused").exists(), first, f"the pause after step {STOP_STEP}")
+        holder = json.loads((out / LOCK).read_text())
+        assert holder["pid"] == first.proc.pid and holder["host"] == socket.gethostname()
+        if launcher == "torchrun":
+            _second_launch_is_refused(tiny_gpt2, out, first.proc.pid)
         os.kill(first.proc.pid, signal.SIGTERM)  # the launcher only, as a scheduler does
         code, text = first.wait(300)
     finally:
@@ -99,13 +64,17 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, unin
     assert code == 128 + signal.SIGTERM, text[-4000:]
     stopped = [ln for ln in text.splitlines() if "stopped at step" in ln and "SIGTERM" in ln]
     assert len(stopped) == 1, text[-4000:]
-    step = int(stopped[0].split("stopped at step ")[1].split()[0])
-    assert 2 <= step < STEPS and (out / "checkpoints" / f"step-{step}").is_dir()
+    assert int(stopped[0].split("stopped at step ")[1].split()[0]) == STOP_STEP
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", f"step-{STOP_STEP}"]
     assert text.strip().splitlines()[-1].startswith("stopped: SIGTERM received"), text[-2000:]
     assert "Traceback" not in text
     assert not (out / LOCK).exists() and not (out / ".engine-stop").exists()
-    launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], tmp_path / "resume.log")
-    assert losses(out) == uninterrupted
+    # the lock as a SIGKILLed launcher leaves it (its holder's pid gone) must not block the relaunch
+    (out / LOCK).write_text(json.dumps(holder))
+    resumed = launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], tmp_path / "resume.log")
+    assert f"taking over the lock of a job that is gone (pid {holder['pid']} on this host has ended)" in resumed
+    assert f"resumed from step-{STOP_STEP}" in resumed
+    assert losses(out) == launch_reference and not (out / LOCK).exists()
 
 
 @pytest.mark.fast
@@ -116,3 +85,26 @@ def test_a_stop_request_counts_only_for_its_own_launch(tmp_path):
     request_stop(tmp_path, "launch-a", signal.SIGTERM)
     assert stop_requested(tmp_path, "launch-a") == signal.SIGTERM
     assert stop_requested(tmp_path, "launch-b") == 0
+
+
+@pytest.mark.fast
+def test_a_live_job_on_another_host_keeps_its_lock_by_its_heartbeat(tmp_path, monkeypatch):
+    """Seen from another host the holder's pid says nothing: only the heartbeat (the lock file's
+    mtime, touched every heartbeat_s) tells a live job from a dead one."""
+    from engine.errors import EngineError
+    from engine.runlock import RunLock
+    holder = RunLock(tmp_path, heartbeat_s=0.1).acquire()
+    try:
+        monkeypatch.setattr(socket, "gethostname", lambda: "another-host")
+        time.sleep(1.0)  # twice the staleness limit below: a lock without heartbeats would look dead
+        with pytest.raises(EngineError, match="is in use by another job"):
+            RunLock(tmp_path, stale_after_s=0.5).acquire()
+    finally:
+        holder.release()
+    # the same lock without heartbeats (its holder gone without releasing it) is taken over
+    (tmp_path / LOCK).write_text(json.dumps({"host": "old-host", "pid": 1, "started": "earlier"}))
+    past = time.time() - 1.0
+    os.utime(tmp_path / LOCK, (past, past))
+    with RunLock(tmp_path, stale_after_s=0.5) as lock:
+        assert json.loads((tmp_path / LOCK).read_text())["host"] == "another-host"
+    assert lock is not None and not (tmp_path / LOCK).exists()

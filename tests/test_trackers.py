@@ -45,11 +45,18 @@ def jsonl_series(out, event: str, key: str) -> list[tuple[int, float]]:
 
 
 def expected(out) -> dict[str, list[tuple[int, float]]]:
-    series = {f"train/{k}": jsonl_series(out, "train", k) for k in ("loss", "lr", "grad_norm")}
-    series["train/accuracy"] = jsonl_series(out, "train", "train_accuracy")
-    series["eval/loss"] = jsonl_series(out, "eval", "eval_loss")
-    series["eval/accuracy"] = jsonl_series(out, "eval", "accuracy")
-    series["eval/f1"] = jsonl_series(out, "eval", "f1")
+    """Every number of every train and eval event in metrics.jsonl, under its tracker name (the
+    event's own prefix dropped: train + train_accuracy -> train/accuracy), as (step, value) series."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for event in ("train", "eval"):
+        for record in metrics(out, event):
+            for key, value in record.items():
+                if key in ("event", "step", "time") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                name = f"{event}/{key.removeprefix(event + '_')}"
+                series.setdefault(name, []).append((record["step"], float(value)))
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/accuracy", "train/tokens_per_s",
+            "train/samples_per_s", "train/host_rss_mb", "eval/loss", "eval/accuracy", "eval/f1"} <= set(series)
     assert len(series["train/loss"]) == STEPS and len(series["train/accuracy"]) == STEPS
     assert [s for s, _ in series["eval/loss"]] == [2, STEPS]
     return series
@@ -59,6 +66,7 @@ def test_tensorboard_events_equal_metrics_jsonl(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tracked_run / "tensorboard"))
     acc.Reload()
+    assert set(acc.Tags()["scalars"]) == set(expected(tracked_run))  # every series, nothing else
     for key, want in expected(tracked_run).items():
         got = [(e.step, e.value) for e in acc.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in want], key
@@ -109,6 +117,7 @@ def test_wandb_offline_history_equals_metrics_jsonl(tracked_run):
             row = {("/".join(item.nested_key) or item.key): json.loads(item.value_json) for item in record.history.item}
             history.append(row)
     assert history
+    assert {k for row in history for k in row if not k.startswith("_")} == set(expected(tracked_run))
     for key, want in expected(tracked_run).items():
         got = [(row["_step"], row[key]) for row in history if key in row]
         assert got == want, key  # JSON doubles: exact
@@ -126,6 +135,7 @@ def test_mlflow_metrics_equal_metrics_jsonl(tracked_run):
     mlrun = client.get_run(run_id)
     assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == tracked_run.name
     assert mlrun.data.params["train.max_steps"] == str(STEPS)
+    assert set(mlrun.data.metrics) == set(expected(tracked_run))
     for key, want in expected(tracked_run).items():
         got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert got == want, key
@@ -150,15 +160,20 @@ def test_unknown_or_missing_tracker_is_one_line_before_running(tiny_gpt2, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_two_processes_reduce_accuracy_over_ranks_and_only_rank0_reports(tiny_gpt2, tmp_path):
+TWO_PROCS = ("train.max_steps=3", "train.eval_every=0", "train.report_to=[tensorboard]")
+
+
+def shared_scenarios(root, model) -> list[dict]:
+    """The 2-process run, in the session's shared job (conftest.py)."""
+    return [job(model, root / "two", *TWO_PROCS).to_dict()]
+
+
+def test_two_processes_reduce_accuracy_over_ranks_and_only_rank0_reports(tiny_gpt2, tmp_path, shared_job):
     """2 CPU processes x micro-batch 4 against 1 process x grad_accum 2: the same examples per step,
     so the same train_accuracy (summed over both ranks, not rank 0's half); one TensorBoard writer."""
-    from helpers import run_engine
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    args = ["train.max_steps=3", "train.eval_every=0", "train.report_to=[tensorboard]"]
-    two, one = tmp_path / "two", tmp_path / "one"
-    run_engine(["launch", "--gpus", "0", "--nproc", "2", *job_args(tiny_gpt2, two, *args)])
-    run(job(tiny_gpt2, one, *args, "train.grad_accum=2").to_dict())
+    two, one = shared_job.root(__name__) / "two", tmp_path / "one"
+    run(job(tiny_gpt2, one, *TWO_PROCS, "train.grad_accum=2").to_dict())
     got, ref = jsonl_series(two, "train", "train_accuracy"), jsonl_series(one, "train", "train_accuracy")
     assert len(got) == 3 and got == ref
     assert all(round(a * 8) == a * 8 for _, a in got)  # a count out of the global batch of 8

@@ -9,9 +9,9 @@ weights, steps 4-6 the AdamW moments and step count (a reset moment changes the 
 Tolerances as in tests/test_colossal.py: 1e-6 where the math is DDP's, 2e-6 where TP/PP reorder
 sums. fp32, dropout 0, torch's for_loop AdamW.
 
-Three real torchrun jobs (tests/drivers/run_many.py, many scenarios per job): the 2-rank runs
-that are stopped, then the 1-rank runs (stopped, and resumed from 2-rank checkpoints), then the
-2-rank resumptions.
+Three rounds of real torchrun jobs (tests/drivers/run_many.py, many scenarios per job): the 2-rank
+runs that are stopped (in the session's shared job, conftest.py), then the 1-rank runs (stopped,
+and resumed from 2-rank checkpoints), then the 2-rank resumptions.
 """
 from __future__ import annotations
 
@@ -68,33 +68,56 @@ def _ds_first(scenarios: list[dict]) -> list[dict]:
     return sorted(scenarios, key=lambda c: c["backend"]["name"] != "deepspeed")  # DeepSpeed owns the group
 
 
+class _Scenarios:
+    """The three rounds of scenarios, in the order they must run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.moves = root, _moves()
+        self.model = tiny_gpt2_dir(root / "models")
+        self.data = small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16))
+
+    def _config(self, task, label, *args, **train) -> dict:
+        return _config(task, self.model, self.data, self.root / label, *args, **train)
+
+    def before(self, ranks: int) -> list[dict]:
+        return [self._config(task, label, b, o, n, stop_at_step=STOP)
+                for label, (task, (b, o, n), _, _) in self.moves.items() if n == ranks]
+
+    def after(self, ranks: int) -> list[dict]:
+        return [self._config(task, label, b, o, n) for label, (task, _, (b, o, n), _) in self.moves.items() if n == ranks]
+
+    def round_1(self) -> list[dict]:
+        """2 ranks: the runs that are stopped, the uninterrupted references, and bf16 (the GPU case:
+        ZeRO-1 on 2 ranks -> ZeRO-2 on 1, against an uninterrupted ZeRO-1 bf16 run)."""
+        refs = [self._config(task, f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls")]
+        bf16 = [self._config("clm", "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 1}, 2, precision="bf16",
+                             stop_at_step=STOP),
+                self._config("clm", "ref-bf16-zero1", "deepspeed", {"zero_stage": 1}, 2, precision="bf16")]
+        return self.before(2) + refs + bf16
+
+    def round_2(self) -> list[dict]:
+        """1 rank: stopped, and resumed from 2-rank checkpoints."""
+        bf16 = [self._config("clm", "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 2}, 1, precision="bf16")]
+        return _ds_first(bf16 + self.before(1) + self.after(1))
+
+    def round_3(self) -> list[dict]:
+        """2 ranks: resumed from 1-rank checkpoints."""
+        return _ds_first(self.after(2))
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """Round 1 runs in the session's shared 2-process job (conftest.py); rounds 2 and 3 follow here."""
+    return _Scenarios(root).round_1()
+
+
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("universal")
-    model = tiny_gpt2_dir(root / "models")
-    data = small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16))
-    moves = _moves()
-
-    def before(ranks):
-        return [_config(task, model, data, root / label, b, o, n, stop_at_step=STOP)
-                for label, (task, (b, o, n), _, _) in moves.items() if n == ranks]
-
-    def after(ranks):
-        return [_config(task, model, data, root / label, b, o, n)
-                for label, (task, _, (b, o, n), _) in moves.items() if n == ranks]
-
-    refs = [_config(task, model, data, root / f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls")]
-    # bf16 (the GPU case): ZeRO-1 on 2 ranks -> ZeRO-2 on 1, against an uninterrupted ZeRO-1 bf16 run
-    bf16 = [_config("clm", model, data, root / "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 1}, 2,
-                    precision="bf16", stop_at_step=STOP),
-            _config("clm", model, data, root / "ref-bf16-zero1", "deepspeed", {"zero_stage": 1}, 2, precision="bf16")]
-    bf16_after = [_config("clm", model, data, root / "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 2}, 1,
-                          precision="bf16")]
-    logs = {}
-    logs[2] = run_many(_ds_first(before(2) + refs + bf16), root / "job-1").stderr
-    logs[1] = run_many(_ds_first(bf16_after + before(1) + after(1)), root / "job-2", nproc=1).stderr
-    logs[3] = run_many(_ds_first(after(2)), root / "job-3").stderr
-    return root, "\n".join(logs.values())
+def job(shared_job):
+    root = shared_job.root(__name__)
+    rounds = _Scenarios(root)
+    logs = [shared_job.log,
+            run_many(rounds.round_2(), root / "job-2", nproc=1).stderr,
+            run_many(rounds.round_3(), root / "job-3").stderr]
+    return root, "\n".join(logs)
 
 
 @pytest.mark.parametrize("label", list(_moves()))

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
                            StepInfo, TrainingSpec, UniversalState, moments_by_index, register_backend)
+from backends.files import bin_shards, check_torch_file, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
 
@@ -401,6 +402,31 @@ class ColossalBackend(Backend):
         _fused_qkv_order(moments, tp, to_booster=False)
         return moments, step
 
+    # -- this backend's files, read offline (engine export/eval, the resume checks) -------------
+    # step-N/model/ and optimizer/ are the Booster's sharded torch .bin checkpoints (full tensors: it
+    # gathers TP and ZeRO shards when it saves; a TP vocabulary keeps its padding rows), scheduler.pt.
+    @classmethod
+    def checkpoint_problem(cls, directory, layout):
+        directory, where = Path(directory), f"checkpoint {Path(directory).name}"
+        try:
+            files = bin_shards(directory / "model", where)
+            if not files:
+                return "it has no Booster model/ shards"
+            files += sorted((directory / "optimizer").glob("*.bin")) + [directory / "scheduler.pt"]
+            for f in files:
+                check_torch_file(f, where)
+        except EngineError as e:
+            return str(e).removeprefix(where + ": ")
+        return None
+
+    @classmethod
+    def checkpoint_shapes(cls, directory, layout):
+        return {k: tuple(v.shape) for k, v in _read_model_shards(Path(directory) / "model", mmap=True).items()}
+
+    @classmethod
+    def read_weights(cls, directory, layout, order, aliases):
+        return _read_model_shards(Path(directory) / "model"), "model/ (Booster shards)"
+
     def export_pretrained(self, directory: Path) -> None:
         """Consolidated HF folder: the Booster gathers the (TP/PP/ZeRO-sharded) weights into full
         tensors in a temporary sharded checkpoint; rank 0 loads them into a fresh, unsharded model
@@ -484,6 +510,17 @@ class ColossalBackend(Backend):
             return f"colossal:{plugin}"
         return None  # hybrid (TP/PP): no row
     # -- end of bench specs and memory-estimate rows --------------------------------------------
+
+
+def _read_model_shards(folder: Path, mmap: bool = False) -> dict:
+    """A checkpoint's model/ shards (those its index names), memory-mapped when only shapes are wanted."""
+    files = bin_shards(folder, f"checkpoint {folder}")
+    if not files:
+        raise EngineError(f"checkpoint folder {folder} holds no .bin shards")
+    state = {}
+    for f in files:
+        state.update(load_torch_file(f, "checkpoint shard", weights_only=True, mmap=mmap))
+    return state
 
 
 def _read_shards(folder: Path) -> dict:

@@ -1,9 +1,10 @@
-"""`engine` command line: launch, train, generate, plot (and the commands other modules add)."""
+"""The `engine` command line, above everything it drives: launch, train, eval, export, generate,
+plot, bench, estimate. Every import points down (into launch/, benchmarks/, engine/, backends/);
+heavy modules are imported inside the command that needs them, so `engine --help` stays quick."""
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -61,50 +62,45 @@ class EngineGroup(click.Group):
             sys.exit(getattr(e, "exit_code", 2))
 
 
+class RegistryHelp(click.Option):
+    """An option whose help lists what the backend registry holds, computed only when help is shown
+    (the registry imports torch: `engine launch ...` itself should not wait for it here)."""
+
+    def __init__(self, *args, help_from, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_from = help_from
+
+    def get_help_record(self, ctx):
+        self.help = self.help_from()
+        return super().get_help_record(ctx)
+
+
+def _backend_help() -> str:
+    from backends.base import backend_names
+    return f"{' | '.join(backend_names())} (overrides backend.name)"
+
+
+def _bench_help() -> str:
+    from backends.base import backend_class, backend_names
+    forms = [backend_class(n).bench_spec_help or n for n in backend_names()]
+    return (f"comma list of {', '.join(forms)}; any +gc (gradient checkpointing); default: "
+            f"{','.join(_default_bench_specs())}")
+
+
+def _default_bench_specs() -> list[str]:
+    from backends.base import backend_class, backend_names
+    return [spec for n in backend_names() for spec in backend_class(n).bench_defaults]
+
+
 @click.group(cls=EngineGroup)
 def main() -> None:
-    """Fine-tune GPT-style models with one loop over DDP, DeepSpeed and ColossalAI."""
-
-
-def resolve_job(config: str | None, overrides: list[str], backend: str | None, world_size: int | None = None,
-                continue_run: bool = False):
-    """Load + validate config, settle output_dir, and check data and model before any process starts.
-    world_size: the number of processes the launcher will start (all nodes), for the backend's checks."""
-    from engine import warn_once
-    from engine.checkpoint import check_continue_steps, check_output_dir
-    from engine.config import load_config
-    from engine.metrics import log
-    from engine.worker import prepare_run
-
-    from backends.base import backend_class
-
-    warn_once.install()  # the launcher reads data and models too: library warnings once
-    cfg = load_config(config, overrides, backend=backend)
-    notes = backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options(),
-                                                      world_size)  # before spawning
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
-    data = prepare_run(cfg)[2]
-    t = cfg.train
-    if not t.max_steps:  # epoch-based: the most steps the run can have (one data-parallel rank) is known now
-        import math
-        most_steps = max(1, math.ceil(t.epochs * (len(data.train) // (t.micro_batch_size * t.grad_accum))))
-        if t.warmup_steps:
-            t.warmup_for(most_steps)
-        if continue_run:  # no layout gives more: refuse here what the workers would refuse after spawning
-            check_continue_steps(Path(cfg.output_dir), most_steps, f"train.epochs={t.epochs:g}",
-                                 f" (it gives at most {most_steps} step{'s' if most_steps != 1 else ''})")
-    log({"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
-        + cfg.output_dir)
-    for note in notes or ():
-        log(note)
-    return cfg
+    """Fine-tune language models with one training loop over every backend (engine launch --help
+    lists them)."""
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--backend", default=None, help="ddp | deepspeed | colossal (overrides backend.name)")
+@click.option("--backend", default=None, cls=RegistryHelp, help_from=_backend_help)
 @click.option("--gpus", type=int, default=None, help="GPUs per node (default: all; 0 = CPU processes with gloo)")
 @click.option("--nproc", type=int, default=None, help="CPU processes per node when running without GPUs (default 1)")
 @click.option("--nnodes", type=int, default=1, show_default=True)
@@ -134,21 +130,27 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
     if launcher == "ray":
         if nnodes != 1:
             raise EngineError("--nnodes is for --launcher torchrun; Ray places workers across its cluster itself")
-        from launch.ray_launcher import require_ray
+        from launch.ray_launcher import check_local_capacity, require_ray
         require_ray()  # before any data is read: a missing Ray is one line
+        if address is None:
+            check_local_capacity(procs, gpus > 0)
     if launcher == "torchrun":
         from backends.host import free_port, port_free
         if master_port is None:
             master_port = free_port() if nnodes == 1 else 29500
         if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
-    cfg = resolve_job(config, overrides, backend, world_size=procs * nnodes, continue_run=continue_run)
+    from engine.preflight import resolve_job
+    cfg, lines = resolve_job(config, overrides, backend, world_size=procs * nnodes, continue_run=continue_run)
     cfg_dict = _with_continue(cfg.to_dict(), continue_run)
     from contextlib import nullcontext
 
+    from engine.metrics import log
     from engine.runlock import RunLock
     # one live job per run directory: node 0's launcher holds the lock (the other nodes share the directory)
     with RunLock(Path(cfg.output_dir)) if node_rank == 0 else nullcontext():
+        for line in lines:
+            log(line)
         if launcher == "ray":
             from launch.ray_launcher import launch as ray_launch
             ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
@@ -279,9 +281,7 @@ def plot(run_dir, output):
 
 
 @main.command()
-@click.option("--backends", default="ddp,deepspeed:zero0,deepspeed:zero1,deepspeed:zero2,deepspeed:zero3",
-              show_default=True, help="comma list: ddp, deepspeed:zeroN[+offload|+offload_opt], "
-              "colossal:torch_ddp|low_level_zero|zero2|gemini|hybrid+tp2, any +gc (gradient checkpointing)")
+@click.option("--backends", default=None, cls=RegistryHelp, help_from=_bench_help)
 @click.option("--baselines", default="trainer,hand", show_default=True,
               help="reference runs in the same bench: trainer (HF Trainer), hand (plain PyTorch loop); '' for none")
 @click.option("--models", default="tiny", show_default=True,
@@ -308,7 +308,8 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
     gpus, procs = _processes(gpus, nproc, default_nproc=2)
     if min(procs, seq, micro_batch, steps, repeat) < 1 or warmup < 0:
         raise EngineError("--nproc, --seq, --micro-batch, --steps and --repeat must be >= 1, --warmup >= 0")
-    specs = [b for b in backends.split(",") if b.strip()] + [b for b in baselines.split(",") if b.strip()]
+    backends = _default_bench_specs() if backends is None else [b for b in backends.split(",") if b.strip()]
+    specs = backends + [b for b in baselines.split(",") if b.strip()]
     try:
         run_matrix(specs, [m for m in models.split(",") if m.strip()], gpus=gpus, procs=procs, seq=seq,
                    micro_batch=micro_batch, steps=steps, warmup=warmup,
