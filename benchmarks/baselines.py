@@ -47,7 +47,10 @@ def build_model(spec: dict):
     from transformers import AutoModelForCausalLM
     from engine.flops import hf_config, parse_model
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_config(hf_config(parse_model(spec["model"])), dtype=torch.float32)
+    config = hf_config(parse_model(spec["model"]))
+    for key, value in spec.get("model_config", {}).items():  # the bench's model.config.* overrides
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
     if spec["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -29,8 +29,15 @@ def group_key(r: dict) -> tuple:
     return (r["model"], r["procs"], r["precision"], r["seq"], r["micro_batch"])
 
 
+def _plain(r: dict) -> bool:
+    """No overrides besides `model.config.*` and `model.name_or_path`: those set the architecture and the
+    initial weights, which every row of such a run shares (e.g. dropout off and one saved random init in
+    benchmarks/gpu), so the row still is the plain reference."""
+    return not [k for k in r.get("overrides") or {} if not k.startswith("model.config.") and k != "model.name_or_path"]
+
+
 def _baseline(rows: list[dict], system: str) -> dict | None:
-    ok = [r for r in rows if r["system"] == system and r["outcome"] == "ok" and not r.get("overrides")]
+    ok = [r for r in rows if r["system"] == system and r["outcome"] == "ok" and _plain(r)]
     return ok[0] if ok else None
 
 
@@ -55,7 +62,8 @@ def _order(r: dict) -> tuple:
 def _reference(rows: list[dict], key: str) -> dict | None:
     """The run the estimate-vs-measured deltas are taken against: the engine run whose spec is the
     replicated estimate row's own name (plain DDP, no modifiers or overrides)."""
-    return next((r for r in rows if r["system"] == "engine" and r["label"] == key), None)
+    return next((r for r in rows if r["system"] == "engine" and r["label"].split("@")[0] == key and _plain(r)),
+                None)
 
 
 def measured_peak_mb(r: dict) -> tuple[float | None, str]:

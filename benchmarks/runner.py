@@ -190,10 +190,14 @@ def engine_config(run: RunSpec, output_dir: Path) -> dict:
 
 
 def baseline_config(run: RunSpec) -> dict:
+    # `model.config.KEY=VALUE` overrides (e.g. dropout off) change the architecture every row trains, so the
+    # baselines build the same model; other overrides are the engine's own settings
+    model_config = {k[len("model.config."):]: v for k, v in run.backend.overrides.items()
+                    if k.startswith("model.config.")}
     return {"kind": run.backend.system, "model": run.model, "seq": run.seq, "micro_batch": run.micro_batch,
             "steps": run.total_steps, "precision": run.precision, "lr": 1e-4, "seed": 0,
             "gradient_checkpointing": bool(run.backend.overrides.get("train.gradient_checkpointing", False)),
-            "max_grad_norm": 1.0}
+            "max_grad_norm": 1.0, "model_config": model_config}
 
 
 def _env(run: RunSpec) -> dict:
@@ -247,15 +251,21 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_env(run),
                                 start_new_session=True)  # in the caller's folder, as relative --out/--work-dir mean
-        while proc.poll() is None:
-            if progress:
-                progress(_count_lines(steps_file, '"event": "train"' if run.backend.system == "engine" else ""),
-                         time.time() - started)
-            if time.time() - started > run.timeout:
+        try:
+            while proc.poll() is None:
+                if progress:
+                    progress(_count_lines(steps_file, '"event": "train"' if run.backend.system == "engine" else ""),
+                             time.time() - started)
+                if time.time() - started > run.timeout:
+                    _kill_group(proc)
+                    timed_out = True
+                    break
+                time.sleep(0.5)
+        finally:
+            # the bench itself stopped (Ctrl-C, or SIGTERM: see run_matrix): the run has its own session,
+            # which a kill of the bench's process group does not reach, so it goes here
+            if proc.poll() is None:
                 _kill_group(proc)
-                timed_out = True
-                break
-            time.sleep(0.5)
         proc.wait()
     wall = time.time() - started
     log_text = log_path.read_text(errors="replace")
@@ -363,6 +373,12 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         result["optimizer"] = raw["optimizer"]
     if raw["outcome"] != "ok":
         result["log_tail"] = raw.get("log_tail", "")[-2000:]
+    # step -> loss, warm-up included (the first round's): lets a caller compare backends' trajectories
+    # step by step (a run logging every k steps has every k-th)
+    losses = {s["step"]: s["loss"] for s in raw.get("steps", [])
+              if s.get("round", 1) == 1 and isinstance(s.get("loss"), (int, float))}
+    if losses:
+        result["losses"] = losses
     steps = [s for s in raw.get("steps", []) if s["step"] > run.warmup]
     if raw["outcome"] == "ok" and not steps:
         result.update(outcome="error", message=f"only {len(raw.get('steps', []))} steps recorded, none after "
@@ -431,6 +447,7 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
          f"{warmup} warm-up + {steps} measured steps; results in {slug_dir}")
     rounds = [(k, run) for k in range(repeat) for run in runs]  # interleaved: drift in load hits all alike
     raws: dict[str, list[dict]] = {}
+    previous = _exit_on_sigterm()  # a caller's time limit stops the run in progress too (run_one)
     for i, (k, run) in enumerate(rounds, 1):
         head = (f"[{i}/{len(rounds)}] {run.model} {run.backend.label}"
                 + (f" (round {k + 1}/{repeat})" if repeat > 1 else ""))
@@ -461,10 +478,28 @@ def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int,
             results.append(result)
             if repeat > 1:
                 echo(f"{head}: all rounds: {one_line(result)}")
+    _restore_sigterm(previous)  # (an exception ends the bench: nothing to restore for)
     from benchmarks.report import write_report
     paths = write_report(slug_dir)
     echo("report: " + ", ".join(str(p) for p in paths))
     return results
+
+
+def _exit_on_sigterm():
+    """SIGTERM (what a caller's timeout sends first) becomes SystemExit, so run_one's clean-up kills the
+    run in progress instead of leaving it running on its own. Only the main thread can set a handler;
+    returns the one it replaced (None where it set none)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        import signal
+        signal.signal(signal.SIGTERM, previous)
 
 
 def merge_rounds(raws: list[dict]) -> dict:

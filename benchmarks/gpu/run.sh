@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Runs THERE (the bare, offline GPU machine), from the repository root:
-#     bash benchmarks/gpu/run.sh PART [PART ...] [--dry-run] [--cpu] [driver options]
-# PART: smoke | smoke-bf16 | smoke-fp16 | matrix | matrix-gpt2 | matrix-xl-1 | matrix-xl-2 |
-#       largest | largest-neo | largest-gptj | estimate | all | plan      (README.md here)
+#     bash benchmarks/gpu/run.sh headline         # the first call: the headline figures (~7 min)
+#     bash benchmarks/gpu/run.sh next             # later calls: the first part not yet in benchmarks/results/<device>/
+#     bash benchmarks/gpu/run.sh PART [PART ...] [--cpu] [driver options]
+#     bash benchmarks/gpu/run.sh plan [PART|next --slug SLUG]   # here too: every run, its estimated time, the total
+# PART: headline | smoke-bf16 | smoke-fp16 | matrix-xl-1 | matrix-xl-2 | largest-neo | largest-gptj |
+#       offload | gemini | matrix-gpt2 | largest-gptj-z2 | estimate; groups smoke, matrix, largest, all
+#       (README.md here)
 # 1. installs the wheels fetch_wheels.sh brought (benchmarks/gpu/wheels, carried by the device
 #    tool: carry ["benchmarks/gpu/wheels"]) with --no-index --no-deps into /tmp/engine-gpu-site,
 #    which goes on PYTHONPATH after the repository (the engine itself runs from the checkout);
-# 2. runs the part(s) with benchmarks/gpu/driver.py; results in ${OUT:-benchmarks/results}/<device>/.
+# 2. runs the part(s) with benchmarks/gpu/driver.py; results in ${OUT:-benchmarks/results}/<device>/,
+#    each run's row written the moment it finishes. The driver stops starting runs ENGINE_GPU_BUDGET_S
+#    (450) seconds after this script started, so one call ends inside 8 minutes.
 # `plan`, --dry-run and --cpu install nothing (--cpu: use an environment that already has the
 # engine's dependencies, e.g. PYTHON=.venv/bin/python).
 # Exit code: the driver's (non-zero when any check failed or any run was skipped); the results
 # are written either way.
 set -uo pipefail
+T0=$(date +%s.%N)
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
 PY=${PYTHON:-python3}
@@ -42,7 +49,6 @@ if [ "$install" = 1 ]; then
          "benchmarks/gpu/wheels (device tool: carry [\"benchmarks/gpu/wheels\"])" >&2
     exit 2
   fi
-  t0=$(date +%s)
   # typing_extensions only when the image's is older than pydantic's floor: otherwise the
   # carried copy would shadow a newer one for everything else in the process
   skip_te=$("$PY" - <<'PYEOF'
@@ -58,16 +64,19 @@ PYEOF
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels \
     || { echo "error: installing the carried wheels failed" >&2; exit 2; }
   export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  echo "installed $(echo "$wheels" | wc -w) wheels into $SITE in $(( $(date +%s) - t0 )) s"
+  echo "installed $(echo "$wheels" | wc -w) wheels into $SITE in $(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.0f", b - a}') s"
   # fail in seconds, with the cause, rather than in the middle of a part
   DS_ACCELERATOR=cuda "$PY" -c "
 import deepspeed, colossalai, datasets
 from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
-import engine.cli
+import launch.cli
 print('imports ok: deepspeed', deepspeed.__version__, '| colossalai', colossalai.__version__, '| datasets', datasets.__version__)
 " 2>&1 | grep -v -i warn || { echo "error: the engine's dependencies do not import (above)" >&2; exit 2; }
+  # the driver records this as the call's first row, and counts its time budget from T0
+  export ENGINE_GPU_INSTALL_S=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
 else
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export ENGINE_GPU_T0=$T0
 
 exec "$PY" benchmarks/gpu/driver.py "$@"
