@@ -104,6 +104,12 @@ class Backend(ABC):
         EngineError with a one-line reason. May return notes for the launcher's log. Called by
         `engine launch`; default: none."""
 
+    @classmethod
+    def check_model_config(cls, model_config, spec: TrainingSpec, options, world_size: int | None = None) -> None:
+        """Checks that need the model's architecture (its transformers config: heads, layers,
+        vocabulary, model_type), before any process starts: one-line EngineError saying what would
+        work. Called by `engine launch` after the data and model config are read; default: none."""
+
     def __init__(self, spec: TrainingSpec, options) -> None:
         self.spec = spec
         self.options = options    # this backend's options dataclass

@@ -6,6 +6,7 @@ finished, so an interrupted write never becomes the one a run resumes from.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from engine.errors import EngineError
 
 STATE_FILE = "trainer_state.json"
 LAYOUT_FILE = "layout.json"  # Backend.layout() of the run that wrote a checkpoint (engine/universal.py)
-RUN_FILE = "run.json"  # OUTPUT_DIR/run.json: {"status": "running" | "finished", ...}
+RUN_FILE = "run.json"  # OUTPUT_DIR/run.json: {"status": "running" | "stopped" | "failed" | "finished", ...}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -164,10 +165,27 @@ def check_continue_steps(output_dir: Path, total_steps: int, what: str, why: str
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Never read half-written: written beside, then renamed over."""
+    """Never read half-written: written beside, then renamed over; a failed write (a full disk)
+    leaves the old file as it was and nothing beside it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def mark_run_ended(output_dir: Path, reason: str) -> None:
+    """The launcher, once its job has ended: a run.json still saying `running` (the workers died
+    before they could say otherwise) says `failed` and why. Best effort (the disk may be full)."""
+    if run_status(output_dir) != "running":
+        return
+    try:
+        state = json.loads((Path(output_dir) / RUN_FILE).read_text())
+        write_run_status(output_dir, "failed", **{k: v for k, v in state.items() if k != "status"}, reason=reason)
+    except (OSError, ValueError):
+        pass
 
 
 def _rng_state() -> dict:
@@ -195,6 +213,9 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) -> Path:
+    """Every rank writes its files into .tmp-step-N; rank 0 then adds the run state and renames it
+    step-N. A full disk (on any rank, at any point) ends the run on every rank with one line, the
+    partial checkpoint removed and the earlier ones intact."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
@@ -203,20 +224,86 @@ def save_checkpoint(backend, output_dir: Path, state: RunState, keep_last: int) 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    write_rank_files(backend, tmp)
-    barrier()
-    if backend.is_main:
-        (tmp / LAYOUT_FILE).write_text(json.dumps(backend.layout(), indent=1))
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: the checkpoint exists only once complete
-        for _, old in completed_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:  # left by a crash
-            shutil.rmtree(stale, ignore_errors=True)
+    full = _agree(_disk_full_on(lambda: write_rank_files(backend, tmp)), gather=True)
+    if not full and backend.is_main:
+        full = _disk_full_on(lambda: _publish(backend, output_dir, state, keep_last, tmp, final))
+    full = _agree(full, gather=False)
+    if full:
+        raise EngineError(_disk_full_message(backend, output_dir, state, tmp))
     barrier()
     return final
+
+
+def _publish(backend, output_dir: Path, state: RunState, keep_last: int, tmp: Path, final: Path) -> None:
+    (tmp / LAYOUT_FILE).write_text(json.dumps(backend.layout(), indent=1))
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic: the checkpoint exists only once complete
+    for _, old in completed_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = final.parent
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".universal-step-*")]:  # left by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _disk_full_on(write) -> bool:
+    """Run `write`; True when it failed because the disk is full (torch.save's zip writer reports
+    that as a RuntimeError about an `unexpected pos`, not as ENOSPC)."""
+    try:
+        write()
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        raise
+    except RuntimeError as e:
+        if "unexpected pos" in str(e) or "No space left" in str(e) or "file write failed" in str(e):
+            return True
+        raise
+
+
+def _agree(flag: bool, gather: bool) -> bool:
+    """Every rank learns one answer: whether any rank's flag is set (gather), or rank 0's."""
+    if not dist.is_initialized():
+        return flag
+    if gather:
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, flag)
+        return any(flags)
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _disk_full_message(backend, output_dir: Path, state: RunState, tmp: Path) -> str:
+    """Rank 0 removes the partial checkpoint (which frees its space) and records the run as failed;
+    every rank gets the same line: how much a checkpoint needs, how much is free, what is kept."""
+    root = tmp.parent
+    if backend.is_main:
+        partial = _folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    done = completed_checkpoints(output_dir)
+    if done:
+        need = f"about {_folder_bytes(done[-1][1]) / 2**20:.1f} MiB (the size of {done[-1][1].name})"
+        kept = f"the earlier checkpoints are intact (newest: {done[-1][1].name})"
+    else:
+        need = f"more than the {partial / 2**20:.1f} MiB written" if backend.is_main else "more than was free"
+        kept = "no earlier checkpoint exists"
+    free = shutil.disk_usage(root).free / 2**20
+    if backend.is_main:
+        try:
+            write_run_status(output_dir, "failed", step=state.step, reason="disk full while writing a checkpoint")
+        except OSError:
+            pass
+    return (f"disk full: checkpoint step-{state.step} did not fit in {root} (it needs {need}; "
+            f"{free:.1f} MiB free now that its partial files are removed); {kept}: free space there "
+            "and relaunch the same command to resume")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def write_rank_files(backend, directory: Path) -> None:

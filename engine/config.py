@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,12 +214,16 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
         raw = default_sample_config()
     else:
         p = Path(path)
+        if p.is_dir():
+            raise EngineError(f"config file {p} is a directory; give the YAML file in it (e.g. {p / 'config.yaml'})")
         if not p.is_file():
             raise EngineError(f"config file not found: {p}")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise EngineError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise EngineError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError:
+            raise EngineError(f"config file {p} is not UTF-8 text") from None
         if not isinstance(raw, dict):
             raise EngineError(f"config file {p} must hold a mapping at the top level")
     if path is None and any(o.startswith(("model.name_or_path=", "data.train=")) for o in overrides):
@@ -234,6 +239,14 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
     validate(cfg)
     _log_option_notes(cfg)
     return cfg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's problem with its line and column (1-based), and why a tab breaks YAML."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    tab = "; YAML indents with spaces, not tabs" if "\\t" in problem or "\t" in problem else ""
+    return f"{where}{problem}{tab}"
 
 
 def _log_option_notes(cfg: Config) -> None:
@@ -285,10 +298,16 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _hint(word: str, choices) -> str:
-    """An HF Trainer name says which engine key means it; anything else gets a did-you-mean."""
+def _hint(word: str, choices, prefix: str = "") -> str:
+    """An HF Trainer name says which engine key means it; a top-level key that belongs to a section
+    says which (epochs -> train.epochs); anything else gets a did-you-mean."""
     if word in HF_TRAINER_NAMES:
         return f": the HF Trainer's {word} is {HF_TRAINER_NAMES[word]} here"
+    if not prefix:
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        home = [f"{name}.{word}" for name, cls in sections.items() if word in {f.name for f in dataclasses.fields(cls)}]
+        if home:
+            return f" (did you mean {home[0]!r}?)"
     return _did_you_mean(word, choices)
 
 
@@ -304,7 +323,7 @@ def _build(cls, data: Any, prefix: str):
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
-            raise EngineError(f"unknown config key {dotted!r}{_hint(str(key), fields)}")
+            raise EngineError(f"unknown config key {dotted!r}{_hint(str(key), fields, prefix)}")
         kwargs[key] = _coerce(hints[key], value, dotted)
     return cls(**kwargs)
 
@@ -332,11 +351,13 @@ def _coerce(tp, value, dotted: str):
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EngineError(f"{dotted} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .nan, .inf in YAML; "nan" on the command line
+            raise EngineError(f"{dotted} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
@@ -393,6 +414,11 @@ def validate(cfg: Config) -> None:
             raise EngineError(f"{name} must not be negative, got {v}")
     if t.lr <= 0:
         raise EngineError(f"train.lr must be positive, got {t.lr}")
+    for name, v in {"train.adam_beta1": t.adam_beta1, "train.adam_beta2": t.adam_beta2}.items():
+        if not 0 <= v < 1:
+            raise EngineError(f"{name} must be in [0, 1), got {v}")
+    if t.adam_eps <= 0:
+        raise EngineError(f"train.adam_eps must be positive, got {t.adam_eps}")
     if not 0 <= t.warmup_ratio < 1:
         raise EngineError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.warmup_steps < 0:

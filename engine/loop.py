@@ -272,11 +272,14 @@ def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_set
             write_run_status(run.output_dir, "finished", step=state.step, total_steps=run.plan.total_steps)
             log(f"finished: model saved to {export_dir}" if t.save_final else "finished (train.save_final=false: "
                 "no final checkpoint or model export)")
-    elif backend.is_main and result["interrupted_by"]:
-        log(f"stopped at step {state.step} of {run.plan.total_steps} on {signal_name(interrupted_by)}: checkpoint "
-            f"{run.output_dir / 'checkpoints' / f'step-{state.step}'} written; relaunch the same command to resume")
     elif backend.is_main:
-        log(f"stopped at step {state.step} (train.stop_at_step); relaunch with the same output_dir to resume")
+        why = signal_name(interrupted_by) if result["interrupted_by"] else "train.stop_at_step"
+        write_run_status(run.output_dir, "stopped", step=state.step, total_steps=run.plan.total_steps, reason=why)
+        if result["interrupted_by"]:
+            log(f"stopped at step {state.step} of {run.plan.total_steps} on {why}: checkpoint "
+                f"{run.output_dir / 'checkpoints' / f'step-{state.step}'} written; relaunch the same command to resume")
+        else:
+            log(f"stopped at step {state.step} (train.stop_at_step); relaunch with the same output_dir to resume")
     barrier()
     run.metrics.close()
     return result

@@ -33,9 +33,11 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            if kept != lines:  # rewritten only when events past the resumed step go (never truncated in place)
+                from engine.checkpoint import atomic_write
+                atomic_write(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
 
     def write(self, event: str, step: int, **values) -> None:

@@ -12,6 +12,9 @@ from engine.errors import EngineError
 from backends.files import check_safetensors, check_torch_file, index_shards
 
 CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+# what a saved tokenizer leaves in its folder (fast, slow BPE, SentencePiece, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "vocab.txt")
 
 
 def load_tokenizer(cfg: Config):
@@ -22,6 +25,10 @@ def load_tokenizer(cfg: Config):
     else:
         from transformers import AutoTokenizer, GPT2Tokenizer
         local = Path(path).expanduser()
+        if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            which = "model.name_or_path" if cfg.tokenizer is None else "tokenizer"
+            raise EngineError(f"{which} folder {local} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                              "name the tokenizer the model was trained with: tokenizer=<hub id or folder>")
         try:
             if local.is_dir() and not (local / "tokenizer_config.json").exists() and (local / "vocab.json").exists():
                 tok = GPT2Tokenizer.from_pretrained(str(local))  # a bare vocab.json + merges.txt folder
@@ -115,10 +122,31 @@ def check_attn_implementation(cfg: Config, conf, auto_class) -> None:
                               "(pip install flash-attn, CUDA only); sdpa uses PyTorch's own flash kernels")
 
 
+def head_mismatch(cfg: Config, conf) -> str | None:
+    """A pretrained classification head whose size does not fit the task (a 2-label MRPC model
+    fine-tuned on STS-B's 1-value regression): the note saying it is re-initialised (what HF users
+    expect when they pass another num_labels), else None."""
+    if cfg.task != "classification" or not cfg.model.name_or_path:
+        return None
+    from transformers import AutoConfig
+    try:
+        saved = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    if not any(a.endswith("ForSequenceClassification") for a in saved.architectures or ()):
+        return None  # no head in the checkpoint: it is new anyway
+    if saved.num_labels == conf.num_labels:
+        return None
+    return (f"{cfg.model.name_or_path} has a {saved.num_labels}-label classification head; this task needs "
+            f"{conf.num_labels}: the head is re-initialised (the rest of the model is loaded)")
+
+
 def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module]:
     """A zero-argument factory: backends call it inside their own construction context
     (e.g. ZeRO-3's zero.Init) so a model too big for one device is partitioned as it is built."""
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    if head_mismatch(cfg, conf):
+        extra["ignore_mismatched_sizes"] = True
 
     def build() -> torch.nn.Module:
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and backend

@@ -27,7 +27,12 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
-    data = prepare_run(cfg)[2]
+    task, _, data, conf = prepare_run(cfg)
+    backend_class(cfg.backend.name).check_model_config(conf, cfg.training_spec(), cfg.backend_options(), world_size)
+    space = _checkpoint_space_warning(cfg, conf, task)
+    if space:  # about the machine, true whoever holds the run directory: said at once
+        from engine.metrics import log
+        log(space)
     t = cfg.train
     if not t.max_steps:  # epoch-based: the most steps the run can have (one data-parallel rank) is known now
         import math
@@ -39,3 +44,22 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
                                  f" (it gives at most {most_steps} step{'s' if most_steps != 1 else ''})")
     said = {"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
     return cfg, [said + cfg.output_dir, *(notes or ())]
+
+
+def _checkpoint_space_warning(cfg, conf, task) -> str | None:
+    """A warning when the filesystem of output_dir has less free space than one checkpoint needs:
+    about 12 bytes per parameter (fp32 weights and AdamW's two moments), whatever the layout."""
+    import shutil
+
+    import torch
+    with torch.device("meta"):  # no memory: only the parameter count
+        model = task.auto_model_class().from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+    need = 12 * sum(p.numel() for p in model.parameters())
+    where = Path(cfg.output_dir).absolute()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free >= need:
+        return None
+    return (f"warning: {free / 2**20:.1f} MiB free on the filesystem of {cfg.output_dir}, and one checkpoint needs "
+            f"about {need / 2**20:.1f} MiB (fp32 weights + AdamW moments): checkpoints will not fit")

@@ -53,8 +53,14 @@ class RunLock:
                 log(f"taking over the lock of a job that is gone ({reason}): {self.path}")
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.me, f)
+            except OSError as e:  # a full disk: nothing of ours is left behind
+                self.path.unlink(missing_ok=True)
+                self._give_up_dir()
+                raise EngineError(f"cannot write the run lock {self.path}: {e.strerror}; free space there and "
+                                  "relaunch") from None
             self._thread = threading.Thread(target=self._beat, name="engine-run-lock", daemon=True)
             self._thread.start()
             return self

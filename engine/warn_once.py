@@ -21,6 +21,12 @@ import warnings
 # the handlers it has when install() runs (records of its children that reach those handlers)
 LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "colossalai", "bitsandbytes", "torch", "py.warnings")
 
+# loggers that only say an optional extra is missing, nothing a run needs: quiet below ERROR.
+# bitsandbytes (peft imports it; transformers' scheduler module imports peft) warns on every CPU with
+# AVX-512 BF16 that its optional hub kernel for 4-bit matmuls could not be loaded; 4-bit runs would
+# fail on their own, loudly.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
 _seen_warnings: set[tuple[type, str]] = set()
 _installed = False
 
@@ -65,6 +71,13 @@ def install() -> None:
 
     showwarning.__wrapped__ = shown  # type: ignore[attr-defined]
     warnings.showwarning = showwarning
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # transformers' save_pretrained/from_pretrained progress bars: noise in a training log
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     targets = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     for logger in targets:
         logger.addFilter(_log_filter)

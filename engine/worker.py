@@ -1,6 +1,7 @@
 """The per-rank entry point: what torchrun, Ray and `engine train` run in every process."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ from engine.errors import EngineError
 def prepare_run(cfg):
     """Everything that depends only on config and data (tokenizer, task data, model config).
     Shared by the launcher's preflight and by every rank, so bad input fails before spawning."""
-    from engine.modeling import (check_attn_implementation, check_block_size, check_weights, load_model_config,
-                                 load_tokenizer)
+    import dataclasses
+
+    from engine.modeling import (check_attn_implementation, check_block_size, check_weights, head_mismatch,
+                                 load_model_config, load_tokenizer)
     from engine.tasks import get_task
 
     task = get_task(cfg.task)
@@ -26,6 +29,9 @@ def prepare_run(cfg):
     check_block_size(cfg, conf)
     check_attn_implementation(cfg, conf, task.auto_model_class())
     check_weights(cfg)  # a corrupt weights file: one line here, not a traceback in every worker
+    note = head_mismatch(cfg, conf)
+    if note:
+        data = dataclasses.replace(data, notes=(*data.notes, note))
     return task, tokenizer, data, conf
 
 
@@ -72,6 +78,10 @@ class RankSession:
         try:
             if isinstance(exc, torch.OutOfMemoryError):
                 raise EngineError(self.out_of_memory) from None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise EngineError(f"disk full: could not write {exc.filename or 'to the run directory'}; free space "
+                                  "there and relaunch the same command (the run resumes from its last complete "
+                                  "checkpoint)") from None
         finally:
             if self.backend is not None:
                 self.backend.close()
@@ -121,17 +131,19 @@ def run(cfg_dict: dict) -> dict:
 
 def _write_config(cfg, output_dir: Path) -> None:
     from engine.metrics import log
+    from engine.checkpoint import atomic_write
     path = output_dir / "config.yaml"
     new = cfg.to_dict()
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
-        if old != new:
-            changed = sorted(_diff_keys(old, new))
-            kept = _free_name(output_dir, "config.prev", ".yaml")  # an earlier change's copy is kept too
-            log(f"warning: config differs from the one this run started with ({', '.join(changed)}); "
-                f"previous kept as {kept.name}")
-            path.rename(kept)
-    path.write_text(yaml.safe_dump(new, sort_keys=False))
+        if old == new:
+            return  # nothing to write (a relaunch on a full disk must not lose the file)
+        changed = sorted(_diff_keys(old, new))
+        kept = _free_name(output_dir, "config.prev", ".yaml")  # an earlier change's copy is kept too
+        log(f"warning: config differs from the one this run started with ({', '.join(changed)}); "
+            f"previous kept as {kept.name}")
+        path.rename(kept)
+    atomic_write(path, yaml.safe_dump(new, sort_keys=False))
 
 
 def _free_name(folder: Path, stem: str, suffix: str) -> Path:
@@ -165,9 +177,19 @@ def run_and_exit(cfg_dict: dict) -> None:
         exit_with_one_line(e)
 
 
+REPORTS_TO_LAUNCHER = "ENGINE_LAUNCHER"  # set by launch/torchrun.py for the workers it starts
+
+
 def exit_with_one_line(e: EngineError) -> None:
-    """A launched process's bad-input end: rank 0 prints `error: <message>`, every rank exits 2 (the
-    launcher turns that into its own one line, no traceback)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    """A launched process's bad-input end, exit code 2. Under the engine's own launcher the message
+    goes into the reply file torchelastic gives each worker (TORCHELASTIC_ERROR_FILE, its own format)
+    and the launcher prints it once, whichever rank failed; elsewhere (an external torchrun) rank 0
+    prints `error: <message>`."""
+    reply = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if os.environ.get(REPORTS_TO_LAUNCHER) and reply:
+        import json
+        import time
+        Path(reply).write_text(json.dumps({"message": str(e), "timestamp": int(time.time())}))
+    elif int(os.environ.get("RANK", 0)) == 0:
         print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

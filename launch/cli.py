@@ -135,10 +135,10 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
         if address is None:
             check_local_capacity(procs, gpus > 0)
     if launcher == "torchrun":
-        from backends.host import free_port, port_free
-        if master_port is None:
-            master_port = free_port() if nnodes == 1 else 29500
-        if node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
+        from backends.host import port_free
+        if master_port is None:  # one node: port 0, the rendezvous store binds a free one itself (no race)
+            master_port = 0 if nnodes == 1 else 29500
+        if master_port and node_rank == 0 and not port_free(master_addr if nnodes > 1 else "127.0.0.1", master_port):
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port")
     from engine.preflight import resolve_job
     cfg, lines = resolve_job(config, overrides, backend, world_size=procs * nnodes, continue_run=continue_run)
@@ -151,16 +151,21 @@ def launch(args, backend, gpus, nproc, nnodes, node_rank, master_addr, master_po
     with RunLock(Path(cfg.output_dir)) if node_rank == 0 else nullcontext():
         for line in lines:
             log(line)
-        if launcher == "ray":
-            from launch.ray_launcher import launch as ray_launch
-            ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
-                       max_restarts=max_restarts, resource_timeout=rdzv_timeout)
-            return
-        from launch.torchrun import launch as torchrun_launch
-        torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                        master_port=master_port, max_restarts=max_restarts,
-                        threads_per_proc=_threads_per_proc(gpus, procs),
-                        rdzv_timeout=rdzv_timeout)
+        try:
+            if launcher == "ray":
+                from launch.ray_launcher import launch as ray_launch
+                ray_launch(cfg_dict, workers=procs, use_gpu=gpus > 0, address=address, gpus_per_node=gpus_per_node,
+                           max_restarts=max_restarts, resource_timeout=rdzv_timeout)
+            else:
+                from launch.torchrun import launch as torchrun_launch
+                torchrun_launch(cfg_dict, nproc=procs, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                master_port=master_port, max_restarts=max_restarts,
+                                threads_per_proc=_threads_per_proc(gpus, procs), rdzv_timeout=rdzv_timeout)
+        except BaseException as e:
+            if node_rank == 0:  # the workers could not say the run ended (killed, crashed): the launcher does
+                from engine.checkpoint import mark_run_ended
+                mark_run_ended(Path(cfg.output_dir), f"{type(e).__name__}: {e}"[:300])
+            raise
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -230,9 +235,8 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
     if procs == 1:
         ev.run(job)
         return
-    from backends.host import free_port
     from launch.torchrun import launch as torchrun_launch
-    torchrun_launch(job, nproc=procs, master_port=master_port or free_port(),
+    torchrun_launch(job, nproc=procs, master_port=master_port or 0,
                     threads_per_proc=_threads_per_proc(gpus, procs), entry=ev.run_and_exit)
 
 

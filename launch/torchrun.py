@@ -25,8 +25,10 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from engine.worker import run_and_exit
+    from engine.worker import REPORTS_TO_LAUNCHER, run_and_exit
 
+    os.environ[REPORTS_TO_LAUNCHER] = "1"  # workers hand their one-line errors to us (see ChildFailedError below)
+    _quiet_clean_exits()
     if threads_per_proc:
         # like torchrun: keep nproc processes from each grabbing every core
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_proc))  # a user's own setting wins
@@ -41,6 +43,7 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         run_id=os.environ.get("ENGINE_RUN_ID", f"engine-{uuid.uuid4().hex[:8]}" if nnodes == 1 else "engine"),
         # c10d, not static: static reuses one store for the workers of every attempt (see above)
         # and cannot be told otherwise; c10d starts a new round per restart on every node.
+        # port 0 (one node, no --master-port): the store binds a free port itself, no race with other jobs
         rdzv_backend="c10d", rdzv_endpoint=f"{master_addr}:{master_port}",
         rdzv_configs={"is_host": node_rank == 0, "join_timeout": rdzv_timeout, "read_timeout": rdzv_timeout,
                       "last_call_timeout": 1},
@@ -51,6 +54,9 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
     try:
         elastic_launch(config, entry or run_and_exit)(cfg_dict)
     except (DistError, RendezvousError) as e:  # the agents' rendezvous (node 0 hosts its TCP store)
+        if _address_in_use(e) and node_rank == 0:
+            raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port"
+                              + (" (or leave --master-port out: a free one is chosen)" if nnodes == 1 else "")) from None
         if nnodes == 1:
             raise EngineError(f"could not start the local process group: {_first_line(e)}") from None
         if node_rank == 0:
@@ -69,12 +75,33 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         if failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT):  # a signal sent to the workers alone
             raise Interrupted(f"rank {rank} stopped on {signal.Signals(failure.exitcode - 128).name} after writing "
                               f"a checkpoint; relaunch the same command to resume", failure.exitcode - 128) from None
-        if failure.exitcode == 2:  # the worker already printed the one-line reason
-            raise EngineError(f"{'training' if entry is None else 'the job'} stopped on rank {rank} "
+        if failure.exitcode == 2:  # bad input: the worker's one line is in its reply file (engine.worker)
+            message = failure.message if isinstance(failure.message, str) and failure.message else None
+            raise EngineError(message or f"{'training' if entry is None else 'the job'} stopped on rank {rank} "
                               "(see the error above)") from None
         raise EngineError(f"worker rank {rank} failed with exit code {failure.exitcode}"
                           + (f" after {max_restarts} restarts" if max_restarts else "")
                           + "; its traceback is above") from None
+
+
+def _address_in_use(e: BaseException) -> bool:
+    text = str(e)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
+class _CleanExitFilter:
+    """torchelastic logs every failed worker with a traceback of its own polling code; a worker that
+    exits 2 has said why in one line (which the launcher prints), so that record is noise."""
+
+    def filter(self, record) -> bool:
+        return not (record.getMessage().startswith("failed (exitcode: 2)"))
+
+
+def _quiet_clean_exits() -> None:
+    import logging
+    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    if not any(isinstance(f, _CleanExitFilter) for f in logger.filters):
+        logger.addFilter(_CleanExitFilter())
 
 
 def _first_line(e: BaseException) -> str:

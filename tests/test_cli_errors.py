@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from launch.cli import main
 from engine.worker import oom_advice
-from helpers import MRPC, SHAKESPEARE
+from helpers import MRPC, SHAKESPEARE, assert_one_error_line
 
 pytestmark = pytest.mark.fast  # in-process only: the whole module is in the fast tier
 
@@ -249,3 +249,149 @@ def test_write_probe_leaves_nothing_behind(tmp_path):
     (existing / "notes.txt").write_text("kept")
     assert check_output_dir(existing) == "new"
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 19: what used to pass the checks or fail late, now one line before anything starts
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.lr=.nan", "train.max_grad_norm=.inf",
+                                      "train.weight_decay=-.inf", "data.validation_split=nan"])
+def test_every_float_key_must_be_finite(clm, tmp_path, override):
+    key = override.split("=")[0]
+    assert_one_line_error(launch(*clm, override), key, "must be a finite number")
+    assert not (tmp_path / "run").exists()  # nothing written (no config.yaml in a new run directory)
+
+
+@pytest.mark.parametrize("override,fragment", [("train.adam_beta2=1.0", "train.adam_beta2 must be in [0, 1)"),
+                                               ("train.adam_eps=0", "train.adam_eps must be positive")])
+def test_optimizer_floats_in_range(clm, override, fragment):
+    assert_one_line_error(launch(*clm, override), fragment)
+
+
+def test_config_file_problems_say_where(tmp_path):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert_one_line_error(launch(folder), f"config file {folder} is a directory")
+    tabbed = tmp_path / "tab.yaml"
+    tabbed.write_text("train:\n\tlr: 0.001\n")
+    assert_one_line_error(launch(tabbed), "line 2, column 1", "YAML indents with spaces, not tabs")
+    top = tmp_path / "top.yaml"
+    top.write_text("epochs: 3\n")
+    assert_one_line_error(launch(top), "unknown config key 'epochs'", "did you mean 'train.epochs'?")
+
+
+def test_model_folder_without_tokenizer_says_so(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    bare = tmp_path / "bare-model"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(bare)
+    result = launch(f"model.name_or_path={bare}", f"data.train={SHAKESPEARE}", f"output_dir={tmp_path / 'run'}")
+    assert_one_line_error(result, f"model.name_or_path folder {bare} has no tokenizer files", "tokenizer=")
+
+
+@pytest.fixture
+def four_head_gpt2(tmp_path):
+    from helpers import tiny_gpt2_dir
+    return tiny_gpt2_dir(tmp_path / "models", n_layer=2, n_embd=32, n_head=4)
+
+
+@pytest.mark.parametrize("options,nproc,fragment", [
+    (["backend.colossal.tp_size=3"], 3, "tp_size=3 must divide the model's 4 attention heads"),
+    (["backend.colossal.tp_size=2"], 3, "tp_size=2 x pp_size=1 does not divide the 3 processes"),
+    (["backend.colossal.pp_size=4", "backend.colossal.microbatches=4"], 4,
+     "pp_size=4 is more than the model's 2 layers"),
+])
+def test_hybrid_layouts_the_model_cannot_take_are_refused_before_spawning(four_head_gpt2, tmp_path, options, nproc,
+                                                                          fragment):
+    pytest.importorskip("colossalai")
+    result = launch("--nproc", nproc, "--backend", "colossal", "backend.colossal.plugin=hybrid", *options,
+                    f"model.name_or_path={four_head_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32",
+                    "data.max_train_samples=32", "train.micro_batch_size=4", f"output_dir={tmp_path / 'run'}")
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_classification_head_of_another_size_is_reinitialised_with_a_note(tiny_gpt2, tmp_path):
+    """STS-B (1-value regression) from a 2-label MRPC model: the head is new, the body loaded."""
+    from transformers import AutoModelForSequenceClassification
+    from engine.config import load_config
+    from engine.modeling import model_builder
+    from engine.worker import prepare_run
+    mrpc_model = tmp_path / "mrpc-model"
+    AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=2).save_pretrained(mrpc_model)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(mrpc_model)
+    stsb = tmp_path / "STS-B"
+    stsb.mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    rows = "".join(f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\tA man plays a guitar {i}.\tA man plays music {i}.\t{i % 5}.0\n"
+                   for i in range(16))
+    for name in ("train.tsv", "dev.tsv"):
+        (stsb / name).write_text(header + rows)
+    cfg = load_config(None, ["task=classification", f"model.name_or_path={mrpc_model}", f"data.train={stsb}",
+                             "data.glue_task=stsb", "data.block_size=32", f"output_dir={tmp_path / 'run'}"])
+    task, _, data, conf = prepare_run(cfg)
+    assert conf.num_labels == 1
+    assert [n for n in data.notes if "head is re-initialised" in n] == [
+        f"{mrpc_model} has a 2-label classification head; this task needs 1: the head is re-initialised "
+        "(the rest of the model is loaded)"]
+    model = model_builder(cfg, conf, task.auto_model_class())()
+    saved = AutoModelForSequenceClassification.from_pretrained(mrpc_model)
+    assert model.score.weight.shape == (1, 32)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, saved.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_the_launcher_binds_a_free_port_itself_and_a_clash_names_master_port(clm, monkeypatch):
+    """No --master-port on one node: port 0 goes to the rendezvous, whose store binds a free port
+    itself (choosing one first and binding it later raced with other jobs); an explicit port taken
+    between the check and the bind is one line naming --master-port, not a traceback."""
+    from torch.distributed import DistNetworkError
+    seen = []
+
+    def elastic_launch(config, entry):
+        seen.append(config.rdzv_endpoint)
+        if not config.rdzv_endpoint.endswith(":0"):
+            raise DistNetworkError(f"The server socket has failed to bind to {config.rdzv_endpoint} "
+                                   "(errno: 98 - Address already in use).")
+        return lambda cfg: None
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", elastic_launch)
+    result = launch(*clm, "--nproc", "2")
+    assert result.exit_code == 0, result.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free when checked, "taken" when the store binds it
+    result = launch(*clm, "--nproc", "2", "--master-port", port, f"output_dir={clm[-1].split('=', 1)[1]}-2")
+    assert result.exit_code == 2, result.output
+    line = assert_one_error_line(result.stderr, "error: --master-port")  # after the run's `new run in` line
+    assert f"--master-port {port} is already in use" in line and "leave --master-port out" in line, line
+    assert seen == ["127.0.0.1:0", f"127.0.0.1:{port}"]
+
+
+def test_a_default_run_prints_no_optional_kernel_warning():
+    """bitsandbytes (imported through transformers -> peft) warns on CPUs with AVX-512 BF16, from
+    this logger, that its optional hub kernel is missing: not what a user of a default run needs."""
+    import logging
+    import bitsandbytes.backends.cpu.ops as ops
+    from engine import warn_once
+    warn_once.install()
+    assert ops.logger.name in warn_once.QUIET_LOGGERS
+    assert not ops.logger.isEnabledFor(logging.WARNING) and ops.logger.isEnabledFor(logging.ERROR)
+
+
+def test_a_job_that_ends_without_saying_so_is_recorded_as_failed(clm, tmp_path, monkeypatch):
+    """run.json never claims `running` for a job that has ended: when the workers could not say it
+    (killed, crashed), the launcher records it failed, with why."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    run = tmp_path / "run"
+
+    def elastic_launch(config, entry):
+        def crash(cfg):
+            run.mkdir(exist_ok=True)
+            (run / "run.json").write_text(json.dumps({"status": "running", "step": 3, "total_steps": 10}))
+            failure = ProcessFailure(local_rank=1, pid=123, exitcode=-9, error_file="/nonexistent")
+            raise ChildFailedError("run_and_exit", {1: failure})
+        return crash
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", elastic_launch)
+    result = launch(*clm, "--nproc", "2")
+    assert result.exit_code == 2, result.output
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "failed" and status["step"] == 3 and "exit code -9" in status["reason"], status

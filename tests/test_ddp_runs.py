@@ -61,6 +61,7 @@ def runs(tiny_gpt2, tmp_path_factory, shared_job):
     run(load_config(None, [*args, "train.stop_at_step=10"]).to_dict())
     out["stopped_losses"] = losses(out["resumed"])
     out["stopped_checkpoints"] = sorted(p.name for p in (out["resumed"] / "checkpoints").iterdir())
+    out["stopped_status"] = json.loads((out["resumed"] / "run.json").read_text())
     # relaunched under an external torchrun through the per-rank entry point `engine train`
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                               "-m", "launch.cli", "train", *args], cwd=REPO, capture_output=True, text=True,
@@ -97,6 +98,8 @@ def test_two_procs_equal_one_proc_with_grad_accum(runs):
 def test_resume_is_exact(runs):
     assert len(runs["stopped_losses"]) == 10
     assert runs["stopped_checkpoints"] == ["step-10", "step-5"]
+    status = runs["stopped_status"]  # says it stopped, where and why (not "running")
+    assert (status["status"], status["step"], status["reason"]) == ("stopped", 10, "train.stop_at_step"), status
     assert "resumed from step-10" in runs["resume_log"]
     assert losses(runs["resumed"]) == losses(runs["accum"])  # bit-identical, no repeated steps
 

@@ -146,6 +146,17 @@ class ColossalBackend(Backend):
         reason = _config_error(spec, options)
         if reason:
             raise EngineError(reason)
+        o = options
+        if o.plugin == "hybrid" and world_size is not None and world_size % (o.tp_size * o.pp_size):
+            raise EngineError(f"backend.colossal.tp_size={o.tp_size} x pp_size={o.pp_size} does not divide the "
+                              f"{world_size} processes; start a multiple of {o.tp_size * o.pp_size} (--nproc / --gpus)")
+
+    @classmethod
+    def check_model_config(cls, model_config, spec, options, world_size=None) -> None:
+        if options.plugin != "hybrid":
+            return
+        from backends.colossal.gpt2_policy import check_config
+        check_config(model_config, spec.task, options.tp_size, options.pp_size)
 
     @classmethod
     def init_distributed(cls, timeout_s: float = 600) -> None:

@@ -36,6 +36,21 @@ def policy_for(task: str):
     raise EngineError(f"backend.colossal.plugin=hybrid has no GPT-2 policy for task {task!r}")
 
 
+def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
+    """What the hybrid plugin needs of the model, from its config alone (before any process starts)."""
+    if getattr(conf, "model_type", None) != "gpt2":
+        raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2 models; got model_type "
+                          f"{getattr(conf, 'model_type', '?')!r} (use plugin=torch_ddp or low_level_zero for other "
+                          "architectures)")
+    heads, layers = conf.n_head, conf.n_layer
+    if heads % tp_size:
+        raise EngineError(f"backend.colossal.tp_size={tp_size} must divide the model's {heads} attention heads "
+                          f"(try tp_size in {[d for d in range(1, heads + 1) if heads % d == 0]})")
+    if pp_size > layers:
+        raise EngineError(f"backend.colossal.pp_size={pp_size} is more than the model's {layers} layers: every "
+                          f"pipeline stage needs at least one (use pp_size <= {layers})")
+
+
 def check_model(model, tp_size: int) -> None:
     name = type(model).__name__
     wanted = {"GPT2LMHeadModel", "GPT2ForSequenceClassification"}
