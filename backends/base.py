@@ -56,6 +56,7 @@ class TrainingSpec:
     optimizer: OptimizerSpec
     scheduler_name: str     # transformers SchedulerType name (steps come with setup())
     compile: bool = False   # torch.compile the model where the backend allows it
+    lora: bool = False      # the model is a PEFT LoRA model: only its adapters train
 
 
 @dataclass

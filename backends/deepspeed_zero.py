@@ -440,7 +440,8 @@ class DeepSpeedBackend(Backend):
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
             module = build_model()
-            if not all(hasattr(p, "ds_id") for p in module.parameters()):
+            # LoRA adapters are added after the base is built (PEFT): deepspeed.initialize partitions them
+            if not any(hasattr(p, "ds_id") for p in module.parameters()):
                 raise EngineError("ZeRO-3: the model was not built partitioned (not a transformers model?)")
         else:
             module = build_model()
@@ -619,6 +620,8 @@ class DeepSpeedBackend(Backend):
         shapes: dict[str, tuple[int, ...]] = {}
         for group in states.get("param_shapes") or []:
             shapes.update({k: tuple(v) for k, v in group.items()})
+        # parameters the optimizer does not step (a LoRA run's frozen base) are recorded apart
+        shapes.update({k: tuple(v) for k, v in (states.get("frozen_param_shapes") or {}).items()})
         if not shapes:  # stage 0: the module state dict itself
             shapes = {k: tuple(v.shape) for k, v in (states.get("module") or {}).items()}
         return shapes or None

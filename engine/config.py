@@ -77,12 +77,25 @@ HF_TRAINER_NAMES = {
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters through PEFT (`model.lora.r=8`, or `model.lora=true` for these defaults):
+    only the adapters (and `modules_to_save`) train; the base model is frozen."""
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: PEFT's default for the model family (GPT-2: c_attn; Llama: q_proj, v_proj)
+    modules_to_save: list[str] | None = None  # trained fully besides the adapters; None: the classification head
+    merge: bool = False               # also write OUTPUT_DIR/model-merged: base + adapters merged, a plain HF folder
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str | None = None   # hub id or local HF folder; None = build from `config`
     config: dict = field(default_factory=dict)  # architecture overrides (model_type picks the family)
     trust_remote_code: bool = False
     num_labels: int | None = None     # classification; inferred from the GLUE task or the data
     attn_implementation: str | None = None  # None = the model's default (sdpa where supported), eager, flash_attention_2
+    lora: LoraConfig | None = None    # train LoRA adapters instead of every weight
 
 
 @dataclass
@@ -180,7 +193,7 @@ class Config:
                             grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                             optimizer=OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps,
                                                     t.adamw_impl),
-                            scheduler_name=t.scheduler, compile=t.compile)
+                            scheduler_name=t.scheduler, compile=t.compile, lora=self.model.lora is not None)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -334,9 +347,11 @@ def _coerce(tp, value, dotted: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        if (value is None or value is False) and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if value is True and dataclasses.is_dataclass(inner[0]):  # `model.lora=true`: that section's defaults
+            return _build(inner[0], {}, dotted)
         return _coerce(inner[0], value, dotted)
     if tp is bool:
         if isinstance(value, bool):
@@ -401,6 +416,13 @@ def validate(cfg: Config) -> None:
     _choice(t.adamw_impl, ADAMW_IMPLS, "train.adamw_impl")
     if cfg.model.attn_implementation is not None:
         _choice(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    lora = cfg.model.lora
+    if lora is not None:
+        if lora.r < 1 or lora.alpha <= 0:
+            raise EngineError(f"model.lora.r must be at least 1 and model.lora.alpha positive; got r={lora.r}, "
+                              f"alpha={lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise EngineError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "data.block_size": d.block_size, "train.log_every": t.log_every,
                 "train.keep_last": t.keep_last}

@@ -29,11 +29,29 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
 
 @dataclass
 class Source:
-    kind: str                      # model | run | checkpoint | hub
+    kind: str                      # model | run | checkpoint | hub | adapter
     model: str | None              # HF folder or hub id to from_pretrained (None for a checkpoint)
     run_dir: Path | None = None    # the run whose config.yaml gives defaults
     checkpoint: Path | None = None
     step: int | None = None        # the checkpoint's / finished run's step when known
+    adapter: str | None = None     # a PEFT LoRA adapter folder, loaded over `model` (its base)
+    task: str | None = None        # what the adapter was trained for, when it says
+
+
+def _adapter(folder: Path) -> tuple[str, str | None] | None:
+    """(base model, task) of a PEFT adapter folder; None when `folder` is not one."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EngineError(f"adapter {folder}: adapter_config.json is unreadable ({type(e).__name__})") from None
+    base = conf.get("base_model_name_or_path")
+    if not base:
+        raise EngineError(f"adapter {folder} does not name its base model (adapter_config.json "
+                          "base_model_name_or_path); evaluate it from its run or checkpoint instead")
+    return base, {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(conf.get("task_type"))
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -61,10 +79,17 @@ def resolve_source(arg: str) -> Source:
             step = json.loads((p / STATE_FILE).read_text()).get("step")
             return Source("checkpoint", None, run_dir, p, step)
         if _is_run(p):
+            adapter = _adapter(p / "model")
+            if adapter:  # a LoRA run: its adapters over its base model
+                return Source("run", adapter[0], p, None, finished_step(p), adapter=str(p / "model"), task=adapter[1])
             if not (p / "model" / "config.json").is_file():
                 raise EngineError(f"run {p} has no model/ export (not finished, or train.save_final=false); "
                                   f"evaluate one of its checkpoints: engine eval {p / 'checkpoints' / 'step-N'}")
             return Source("run", str(p / "model"), p, None, finished_step(p))
+        adapter = _adapter(p)
+        if adapter:
+            run_dir = p.parent if _is_run(p.parent) else None
+            return Source("adapter", adapter[0], run_dir, adapter=str(p), task=adapter[1])
         if (p / "config.json").is_file():
             run_dir = p.parent if _is_run(p.parent) else None
             return Source("model", str(p), run_dir)
@@ -93,6 +118,8 @@ def build_config(source: Source, *, data: str | None, glue_task: str | None, tas
     raw.pop("output_dir", None)
     raw["backend"] = {"name": "ddp"}
     archs = _architectures(source.model) if source.model else []
+    if task is None and source.task:  # an adapter says what it was trained for (its base may be a causal LM)
+        task, archs = source.task, []
     if task is None:
         if glue_task or any(a.endswith("ForSequenceClassification") for a in archs):
             task = "classification"
@@ -102,13 +129,13 @@ def build_config(source: Source, *, data: str | None, glue_task: str | None, tas
             task = raw.get("task", "causal_lm")
     raw["task"] = task
     if source.model is not None:
-        model_dir = Path(source.model)
+        model_dir = Path(source.adapter or source.model)  # a run saves its tokenizer beside its adapters
         has_tokenizer = any((model_dir / f).is_file() for f in TOKENIZER_FILES) or source.kind == "hub"
         old_tokenizer = raw.get("tokenizer") or (raw.get("model") or {}).get("name_or_path")
         raw["model"] = {**{k: v for k, v in (raw.get("model") or {}).items() if k in ("trust_remote_code",
                                                                                         "attn_implementation")},
                         "name_or_path": source.model}
-        raw["tokenizer"] = source.model if has_tokenizer or not old_tokenizer else old_tokenizer
+        raw["tokenizer"] = str(model_dir) if has_tokenizer or not old_tokenizer else old_tokenizer
     d = dict(raw.get("data") or {})
     if data is not None:
         for key in ("validation_split", "max_train_samples", "max_eval_samples", "hub_config"):
@@ -146,7 +173,7 @@ def preflight(cfg, source: Source) -> int:
     _, _, data, conf = prepare_run(cfg)
     if data.eval is None or len(data.eval) == 0:
         raise EngineError("there is no eval set: the run had no validation data; pass --data FILE")
-    if source.model is not None and cfg.task == "classification":
+    if source.model is not None and source.adapter is None and cfg.task == "classification":
         from transformers import AutoConfig
         saved = AutoConfig.from_pretrained(source.model, trust_remote_code=cfg.model.trust_remote_code).num_labels
         if saved != data.num_labels:
@@ -171,8 +198,17 @@ def _builder(cfg, conf, auto_class, source: Source):
             from engine.export import load_checkpoint_weights
             model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                                            **extra)
+            if cfg.model.lora is not None:  # a LoRA run's checkpoint: base and adapters by PEFT's names
+                from engine.modeling import with_lora
+                model = with_lora(model, cfg)
             load_checkpoint_weights(model, source.checkpoint, "the run's model config")
             return model
+        if source.adapter is not None:
+            from peft import PeftModel
+            base = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                              trust_remote_code=cfg.model.trust_remote_code, **extra)
+            # trainable: the backend builds its (unused) optimizer over the parameters that train
+            return PeftModel.from_pretrained(base, source.adapter, is_trainable=True)
         model, info = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
                                                  trust_remote_code=cfg.model.trust_remote_code,
                                                  output_loading_info=True, **extra)
@@ -210,7 +246,8 @@ def run(job: dict) -> dict:
             records = sorted((r for part in collective.all_gather_object(records) for r in part),
                              key=lambda r: r["index"])
         if backend.is_main:
-            report = {"metrics": results, "task": cfg.task, "evaluated": job["source"]["model"] or str(source.checkpoint),
+            report = {"metrics": results, "task": cfg.task,
+                      "evaluated": job["source"]["adapter"] or job["source"]["model"] or str(source.checkpoint),
                       "source": source.kind, "step": source.step, "data": cfg.data.validation or cfg.data.train,
                       "glue_task": cfg.data.glue_task, "eval_examples": len(data.eval),
                       "processes": backend.dp_size, "predictions": job["predictions"]}
@@ -240,5 +277,5 @@ def default_output() -> str:
 
 def make_job(source: Source, cfg, output: str, predictions: str | None) -> dict:
     return {"config": cfg.to_dict(), "output": output, "predictions": predictions,
-            "source": {"kind": source.kind, "model": source.model, "step": source.step,
-                       "checkpoint": str(source.checkpoint) if source.checkpoint else None}}
+            "source": {"kind": source.kind, "model": source.model, "step": source.step, "adapter": source.adapter,
+                       "task": source.task, "checkpoint": str(source.checkpoint) if source.checkpoint else None}}

@@ -170,8 +170,10 @@ def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path,
     return source, trimmed
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write OUT_DIR; returns a short report (step, source, layout, trimmed rows)."""
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merged: bool = False) -> dict:
+    """Write OUT_DIR; returns a short report (step, source, layout, trimmed rows). A LoRA run's
+    checkpoint gives its adapter folder (PEFT's, over the run's base model), or with `merged` the
+    adapters merged into the model: a plain HF folder."""
     import yaml
 
     from engine.config import config_from_dict
@@ -200,7 +202,17 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
     torch.manual_seed(0)
     model = task.auto_model_class().from_config(conf, dtype=torch.float32,
                                                 trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.lora is not None:
+        from engine.modeling import with_lora
+        model = with_lora(model, cfg)
     source, trimmed = load_checkpoint_weights(model, step_dir, f"the run's model ({run_dir / 'config.yaml'})")
+    if cfg.model.lora is not None and merged:
+        model, source = model.merge_and_unload(), source + "; LoRA adapters merged"
+    elif cfg.model.lora is not None:  # the adapter folder names the base it goes on
+        model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
+        source += "; LoRA adapters"
+    elif merged:
+        raise EngineError(f"--merged is for LoRA runs; the run of {step_dir} trained every weight (export without it)")
     tmp = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -215,14 +227,18 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> dict:
             "backend": layout["backend"], "weights": source, "trimmed": trimmed}
 
 
-def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False) -> torch.nn.Module:
+def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False,
+                          wrap=None) -> torch.nn.Module:
     """Before anything in the run directory is touched: the checkpoint a relaunch will resume from
     must hold the parameters (names and shapes) of the model the config builds now. The model is
     built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
     shapes come from the backend that wrote it (headers, recorded shapes). One line naming the first
-    difference. Returns the meta model (engine.universal.ModelNames reads its parameter names)."""
+    difference. `wrap` turns the built model into the run's (LoRA). Returns the meta model
+    (engine.universal.ModelNames reads its parameter names)."""
     with torch.device("meta"):
         model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
+        if wrap is not None:  # e.g. LoRA: the run's parameters are the wrapped model's
+            model = wrap(model)
     reader, layout = checkpoint_reader(directory)
     ckpt = reader.checkpoint_shapes(directory, layout)
     if ckpt is None:
@@ -232,3 +248,31 @@ def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: 
         raise EngineError(f"checkpoint {directory} was written for a different model than this config builds: "
                           f"{diff}; resume with the run's own model config, or start a new output_dir")
     return model
+
+
+def write_merged_lora(cfg, conf, auto_class, adapter_dir: Path, out_dir: Path) -> None:
+    """A LoRA run's adapters merged into its base model: a plain HF folder (safetensors + the
+    tokenizer from adapter_dir) that loads without PEFT. The base is built as the run built it."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    from engine.modeling import model_builder
+    base_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+    base_cfg.train = dataclasses.replace(cfg.train, gradient_checkpointing=False)
+    base = model_builder(base_cfg, conf, auto_class)()
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if hasattr(merged.config, "use_cache"):
+        merged.config.use_cache = True  # training turned the KV cache off; generation wants it
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.merge-tmp-{os.getpid()}"
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for f in Path(adapter_dir).iterdir():  # the tokenizer the run saved beside its adapters
+            if f.is_file() and not f.name.startswith(("adapter_", "README")):
+                shutil.copy2(f, tmp / f.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -168,5 +168,35 @@ def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module
             # GPT2LMHeadModel's class name maps to no loss type: transformers falls back to this one
             # anyway, with a warning at every launch
             model.loss_type = "ForCausalLM"
+        if cfg.model.lora is not None:
+            model = with_lora(model, cfg)
         return model
     return build
+
+
+def with_lora(model: torch.nn.Module, cfg: Config, quiet: bool = False) -> torch.nn.Module:
+    """The model as a PEFT LoRA model: adapters on `target_modules` (PEFT's per-family default when
+    unset), the classification head trained fully (PEFT's SEQ_CLS default) or `modules_to_save`;
+    everything else frozen. Says once (rank 0) how many parameters train."""
+    import os
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+    lora = cfg.model.lora
+    task_type = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
+    try:
+        peft_model = get_peft_model(model, PeftLoraConfig(
+            task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+            fan_in_fan_out=model.config.model_type == "gpt2"))  # GPT-2's Conv1D stores weights transposed
+    except ValueError as e:  # e.g. target modules the model does not have, or no default for its family
+        raise EngineError(f"model.lora: {str(e).splitlines()[0]}") from None
+    if not quiet and os.environ.get("RANK", "0") == "0":
+        from engine.metrics import log
+        size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps the full size here
+        trainable = sum(size(p) for p in peft_model.parameters() if p.requires_grad)
+        total = sum(size(p) for p in peft_model.parameters())
+        targets = sorted(peft_model.peft_config["default"].target_modules)
+        log(f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
+            f"train ({100 * trainable / total:.2f}%)")
+    return peft_model

@@ -99,7 +99,7 @@ def run(cfg_dict: dict) -> dict:
     from engine.export import check_checkpoint_fits
     from engine.loop import train
     from engine.metrics import log
-    from engine.modeling import model_builder
+    from engine.modeling import model_builder, with_lora
     from engine.universal import ModelNames
 
     warn_once.install()  # library warnings once per process, not once per step
@@ -115,7 +115,8 @@ def run(cfg_dict: dict) -> dict:
         resume = resumable_checkpoint(output_dir)
         model_names = None
         if resume[0] is not None:
-            meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code)
+            lora = (lambda model: with_lora(model, cfg, quiet=True)) if cfg.model.lora is not None else None
+            meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code, lora)
             model_names = ModelNames.of(meta)  # built before any backend: ZeRO-3's zero.Init is not live yet
         backend = session.start(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
@@ -125,8 +126,14 @@ def run(cfg_dict: dict) -> dict:
                 log(note)
         if dist.is_initialized():
             dist.barrier()
-        return train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
-                     tokenizer, output_dir, resume, continue_run=continue_run, model_names=model_names)
+        result = train(cfg, backend, task, data, model_builder(cfg, conf, task.auto_model_class()),
+                       tokenizer, output_dir, resume, continue_run=continue_run, model_names=model_names)
+        lora = cfg.model.lora
+        if lora is not None and lora.merge and result["finished"] and cfg.train.save_final and backend.is_main:
+            from engine.export import write_merged_lora
+            write_merged_lora(cfg, conf, task.auto_model_class(), output_dir / "model", output_dir / "model-merged")
+            log(f"LoRA adapters merged into the base model: {output_dir / 'model-merged'}")
+        return result
 
 
 def _write_config(cfg, output_dir: Path) -> None:

@@ -230,7 +230,7 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
     cfg = ev.build_config(src, data=data, glue_task=glue_task, task=task, batch_size=batch_size,
                           overrides=list(overrides))
     n = ev.preflight(cfg, src)
-    log(f"evaluating {src.model or src.checkpoint} ({cfg.task}) on {n} examples with {procs} process(es)")
+    log(f"evaluating {src.adapter or src.model or src.checkpoint} ({cfg.task}) on {n} examples with {procs} process(es)")
     job = ev.make_job(src, cfg, output, predictions)
     if procs == 1:
         ev.run(job)
@@ -243,13 +243,15 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
 @main.command("export")
 @click.argument("checkpoint")
 @click.argument("out_dir")
-def export(checkpoint, out_dir):
+@click.option("--merged", is_flag=True, help="LoRA runs: the adapters merged into the base model (a plain HF "
+              "folder) instead of the adapter folder")
+def export(checkpoint, out_dir, merged):
     """Consolidated HF folder (safetensors + tokenizer) from RUN/checkpoints/step-N of any backend,
     in one CPU process: engine export runs/x/checkpoints/step-200 exported/step-200"""
     if not _gpu_count():  # transformers imports an installed DeepSpeed, which warns otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from engine.export import export_checkpoint
-    report = export_checkpoint(checkpoint, out_dir)
+    report = export_checkpoint(checkpoint, out_dir, merged=merged)
     click.echo(f"exported step {report['step']} ({report['backend']} checkpoint, {report['weights']}) to {out_dir}"
                + (f"; vocabulary padding rows dropped: {', '.join(report['trimmed'])}" if report["trimmed"] else ""))
 

@@ -107,6 +107,12 @@ def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
         return ("train.compile is not supported by the colossal backend: ColossalAI's Booster wraps the model "
                 "in its own wrapper (sharded modules, pipeline schedules, ZeRO hooks) that unwrap/save/no_sync "
                 "expect uncompiled; use --backend ddp or deepspeed for torch.compile")
+    if t.lora:
+        # ColossalAI's checkpoint IO treats a PEFT model through its own view of it (made for
+        # booster.enable_lora): save_model writes the base weights under their plain names and the
+        # adapters apart, so neither a resume nor the export sees the model that trained
+        return (f"model.lora is not supported by the colossal backend yet (plugin={o.plugin}: its checkpoints of a "
+                "PEFT model do not hold the adapters where a resume reads them); use --backend ddp or deepspeed")
     if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
         return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
                 "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
