@@ -37,6 +37,22 @@ ARCHS: dict[str, dict] = {
                      "attention_types": [[["global", "local"], 16]]},
     "gpt-j-6B": {"model_type": "gptj", "n_layer": 28, "n_embd": 4096, "n_head": 16, "n_positions": 2048,
                  "rotary_dim": 64, "vocab_size": 50400, "tie_word_embeddings": False},
+    # today's families (grouped-query attention, gated MLP, RMSNorm, rotary): the published configs
+    "llama-3.2-1b": {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 2048, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "intermediate_size": 8192, "max_position_embeddings": 131072,
+                     "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0},
+    "llama-3.1-8b": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                     "vocab_size": 128256, "tie_word_embeddings": False, "rope_theta": 500000.0},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "max_position_embeddings": 32768,
+                     "vocab_size": 151936, "tie_word_embeddings": True},
+    "mistral-7b": {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "intermediate_size": 14336, "max_position_embeddings": 32768,
+                   "vocab_size": 32000, "tie_word_embeddings": False},
+    "llama-tiny": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
+                   "vocab_size": 8192},
     # CPU sizes: a few seconds per step on one core
     "tiny": {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512,
              "vocab_size": 8192},
@@ -90,8 +106,9 @@ def parse_model(spec: str) -> Arch:
         kwargs = {"model_type": "gpt2", "n_layer": int(kw["L"]), "n_embd": int(kw["d"]), "n_head": int(kw["h"]),
                   "vocab_size": int(kw.get("V", 50257)), "n_positions": int(kw.get("ctx", 1024))}
     g = lambda *names: next(kwargs[n] for n in names if n in kwargs)
-    return Arch(spec, kwargs, g("n_layer", "num_layers"), g("n_embd", "hidden_size"), g("n_head", "num_heads"),
-                kwargs["vocab_size"], g("n_positions", "max_position_embeddings"))
+    return Arch(spec, kwargs, g("n_layer", "num_layers", "num_hidden_layers"), g("n_embd", "hidden_size"),
+                g("n_head", "num_heads", "num_attention_heads"), kwargs["vocab_size"],
+                g("n_positions", "max_position_embeddings"))
 
 
 def hf_config(arch: Arch, **extra):
@@ -110,10 +127,12 @@ class ParamCounts:
     embedding: int         # input lookup tables (token + position)
     lm_head: int           # d_model x vocab
     largest_layer: int     # largest single module's own parameters (DeepSpeed ZeRO-3 estimator input)
+    tied: bool = True      # the LM head is the token embedding (then `total` holds it once, as a lookup table)
 
     @property
     def matmul(self) -> int:
-        return self.total - self.embedding + self.lm_head
+        # an untied head is already in `total` (and not in `embedding`); a tied one only as the lookup table
+        return self.total - self.embedding + (self.lm_head if self.tied else 0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -128,7 +147,8 @@ def param_counts(spec: str) -> ParamCounts:
     total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamCounts(total, embedding, arch.d_model * arch.vocab, largest)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return ParamCounts(total, embedding, arch.d_model * arch.vocab, largest, tied)
 
 
 def flops_per_token(spec: str, seq_len: int) -> float:

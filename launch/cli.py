@@ -337,6 +337,8 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
+    if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from engine import estimate as est
     from engine.flops import parse_model
     try:

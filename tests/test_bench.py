@@ -32,6 +32,20 @@ def test_flops_per_token_gpt2_matches_hand_computation():
     assert flops_per_token("gpt2", 512) == 6 * n_matmul + attention // 2
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("name,total,tied", [("llama-3.2-1b", 1_235_814_400, True), ("llama-3.1-8b", 8_030_261_248, False),
+                                             ("qwen2.5-0.5b", 494_032_768, True), ("mistral-7b", 7_241_732_096, False)])
+def test_todays_families_have_their_published_sizes_and_flops(name, total, tied):
+    """Grouped-query attention, gated MLP, tied or untied heads: the counts are the models' own (meta
+    device), equal to the published sizes; an untied LM head takes part in the matmuls once."""
+    from engine.flops import flops_per_token, param_counts, parse_model
+    c, arch = param_counts(name), parse_model(name)
+    assert (c.total, c.tied) == (total, tied)
+    assert c.embedding == arch.vocab * arch.d_model  # rotary: no position table
+    assert c.matmul == total - (0 if tied else c.embedding)
+    assert flops_per_token(name, 2048) == 6 * c.matmul + 12 * arch.n_layer * arch.d_model * 2048
+
+
 # ------------------------------------------------------------------------------------------------
 # Estimator
 # ------------------------------------------------------------------------------------------------

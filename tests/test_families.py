@@ -1,0 +1,126 @@
+"""Today's model families beside GPT-2: Llama, Qwen2 and Mistral (grouped-query attention, gated
+MLP, RMSNorm, rotary embeddings; tiny models built from their configs with the real GPT-2
+tokenizer, saved and loaded through from_pretrained), on CPU, 2 processes, fp32.
+
+Every run is a scenario of the session's shared torchrun job (conftest.py): each family's causal-LM
+losses on DeepSpeed ZeRO-3 and ColossalAI low_level_zero equal DDP's within 1e-6, Llama's
+classification on ZeRO-2 too, and a Llama LoRA run on ZeRO-3 equals its DDP run. ColossalAI's
+tensor/pipeline plugin is GPT-2 only here: other families are refused before any process starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config
+from helpers import GPT2_TOKENIZER, MRPC, SHAKESPEARE, losses
+
+STEPS = 4
+EXACT = 1e-6
+FAMILIES = ("llama", "qwen2", "mistral")
+BACKENDS = {"ddp": ["backend.name=ddp"],
+            "zero3": ["backend.name=deepspeed", "backend.deepspeed.zero_stage=3"],
+            "zero2": ["backend.name=deepspeed", "backend.deepspeed.zero_stage=2"],
+            "col-zero2": ["backend.name=colossal", "backend.colossal.plugin=low_level_zero",
+                          "backend.colossal.zero_stage=2"]}
+
+
+def family_dir(root: Path, family: str) -> Path:
+    """A tiny model of the family (2 layers, 4 heads, 2 key/value heads), saved with the GPT-2 tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Tokenizer
+    path = root / f"tiny-{family}"
+    if (path / "config.json").exists():
+        return path
+    tok = GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER))
+    conf = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                tie_word_embeddings=family == "qwen2")  # one tied, two untied heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _config(model: Path, out: Path, backend: str, task: str = "clm", *extra: str) -> dict:
+    data = ([f"data.train={SHAKESPEARE}", "data.block_size=32", "data.max_train_samples=64",
+             "data.validation_split=0.05", "data.max_eval_samples=8"] if task == "clm" else
+            ["task=classification", f"data.train={MRPC}", "data.glue_task=mrpc", "data.block_size=64",
+             "data.max_train_samples=64", "data.max_eval_samples=8"])
+    return load_config(None, [f"model.name_or_path={model}", *data, *BACKENDS[backend], f"train.max_steps={STEPS}",
+                              "train.micro_batch_size=2", "train.lr=2e-3", "train.max_grad_norm=0.5",
+                              "train.log_every=1", "train.adamw_impl=for_loop", "train.eval_batch_size=4",
+                              f"output_dir={out}", *extra]).to_dict()
+
+
+def _colossal() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("colossalai") is not None
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    out = []
+    for family in FAMILIES:
+        path = family_dir(root / "models", family)
+        for backend in ("ddp", "zero3", *(["col-zero2"] if _colossal() else [])):
+            out.append(_config(path, root / f"{family}-{backend}", backend))
+    llama = family_dir(root / "models", "llama")
+    out += [_config(llama, root / f"llama-cls-{b}", b, "cls") for b in ("ddp", "zero2")]
+    lora = ("model.lora.r=4", "model.lora.dropout=0.0")
+    out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora) for b in ("ddp", "zero3")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(shared_job) -> Path:
+    return shared_job.root(__name__)
+
+
+def _close(got, want, what):
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    assert len(got) == len(want) == STEPS and worst <= EXACT, f"{what}: max |loss - ddp loss| = {worst:.3g}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("backend", ["zero3", "col-zero2"])
+def test_each_family_trains_like_ddp(runs, family, backend):
+    if backend.startswith("col") and not _colossal():
+        pytest.skip("colossalai not installed")
+    _close(losses(runs / f"{family}-{backend}"), losses(runs / f"{family}-ddp"), f"{family} {backend}")
+    assert losses(runs / f"{family}-ddp")[-1] < losses(runs / f"{family}-ddp")[0]
+
+
+def test_llama_classification_and_lora(runs):
+    _close(losses(runs / "llama-cls-zero2"), losses(runs / "llama-cls-ddp"), "llama classification zero2")
+    _close(losses(runs / "llama-lora-zero3"), losses(runs / "llama-lora-ddp"), "llama LoRA zero3")
+
+
+def test_a_zero3_llama_checkpoint_exports_to_plain_transformers(runs, tmp_path):
+    """engine export of the ZeRO-3 Llama run's final checkpoint equals its own model/ export."""
+    import torch
+    from safetensors.torch import load_file
+    from engine.export import export_checkpoint
+    run = runs / "llama-zero3"
+    export_checkpoint(run / "checkpoints" / f"step-{STEPS}", tmp_path / "out")
+    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_parallel_refuses_other_families_before_launch(tmp_path, family):
+    pytest.importorskip("colossalai")
+    from click.testing import CliRunner
+    from launch.cli import main
+    model = family_dir(tmp_path, family)
+    result = CliRunner().invoke(main, ["launch", "--gpus", "0", "--nproc", "2", "--backend", "colossal",
+                                       "backend.colossal.plugin=hybrid", "backend.colossal.tp_size=2",
+                                       f"model.name_or_path={model}", f"data.train={SHAKESPEARE}",
+                                       "data.block_size=32", "data.max_train_samples=16",
+                                       f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: backend.colossal.plugin=hybrid supports GPT-2 models; got model_type {family!r} (use "
+        "plugin=torch_ddp or low_level_zero for other architectures)"]
