@@ -363,7 +363,7 @@ class EstimateRow:
 # Registry
 # --------------------------------------------------------------------------------------------
 _SPECS: dict[str, BackendSpec] = {}
-_BUILTIN_MODULES = ("backends.ddp", "backends.deepspeed_zero", "backends.colossal")
+_BUILTIN_MODULES = ("backends.ddp", "backends.deepspeed_zero", "backends.colossal", "backends.fsdp")
 
 
 def register_backend(name: str, options_cls: type):

@@ -135,6 +135,11 @@ ROWS_GPT2_XL_8_BF16 = {
     "colossal:zero1": ("formula", 3115222400, 3894028000, 2336416800, 0, 3394353152, 1090762752, 0),
     "colossal:zero2": ("formula", 3115222400, 1168208400, 2336416800, 0, 3394353152, 1090762752, 0),
     "colossal:gemini": ("formula", 389402800, 778805600, 2336416800, 321644800, 3394353152, 1090762752, 0),
+    # added with the fsdp backend (issue 20): ZeRO-3's / ZeRO-2's formula rows, offload flags
+    "fsdp:full": ("formula", 389402800, 778805600, 2336416800, 321644800, 3394353152, 1090762752, 0),
+    "fsdp:grad_op": ("formula", 3115222400, 1168208400, 2336416800, 0, 3394353152, 1090762752, 0),
+    "fsdp:full+offload": ("formula", 0, 0, 0, 321644800, 3394353152, 1090762752, 42055502400),
+    "fsdp:grad_op+offload": ("formula", 3115222400, 0, 0, 0, 3394353152, 1090762752, 42055502400),
 }
 ROWS_GPT2_2_FP32 = {
     "ddp": ("formula", 497759232, 497759232, 995518464, 497759232, 1240412160, 707211264, 0),
@@ -149,6 +154,10 @@ ROWS_GPT2_2_FP32 = {
     "colossal:zero1": ("formula", 497759232, 497759232, 746638848, 0, 1240412160, 707211264, 0),
     "colossal:zero2": ("formula", 497759232, 248879616, 746638848, 0, 1240412160, 707211264, 0),
     "colossal:gemini": ("formula", 248879616, 248879616, 746638848, 154389504, 1240412160, 707211264, 0),
+    "fsdp:full": ("formula", 248879616, 248879616, 746638848, 154389504, 1240412160, 707211264, 0),
+    "fsdp:grad_op": ("formula", 497759232, 248879616, 746638848, 0, 1240412160, 707211264, 0),
+    "fsdp:full+offload": ("formula", 0, 0, 0, 154389504, 1240412160, 707211264, 3733194240),
+    "fsdp:grad_op+offload": ("formula", 497759232, 0, 0, 0, 1240412160, 707211264, 2986555392),
 }
 
 
@@ -183,7 +192,8 @@ def test_every_bench_spec_maps_to_a_declared_estimate_row():
 
     keys = {row.key for row in estimate_rows(listed_only=False)}
     specs = ["ddp", "trainer", "hand+gc", "colossal:torch_ddp", "colossal:low_level_zero+stage2", "colossal:gemini",
-             *(f"deepspeed:zero{n}{mod}" for n in range(4) for mod in ("", "+offload", "+offload_opt"))]
+             *(f"deepspeed:zero{n}{mod}" for n in range(4) for mod in ("", "+offload", "+offload_opt")),
+             *(f"fsdp{variant}{mod}" for variant in ("", ":full", ":grad_op") for mod in ("", "+offload"))]
     for spec in specs:
         assert estimate_key(spec) in keys, spec
         estimate("micro", 2, rows=(estimate_key(spec),), precision="fp32")  # computable

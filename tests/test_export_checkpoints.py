@@ -20,7 +20,7 @@ from helpers import assert_one_error_line, losses, run_engine, small_data, tiny_
 TOL = 1e-5  # max |logit difference| against the reference (fp32; TP reorders sums: ~6e-6 measured)
 # these backends' step-2 weights equal DDP's bit for bit (the same torch AdamW update order);
 # DeepSpeedCPUAdam (offload) and tensor parallelism differ in the last bits
-EXACT = {"ddp", "zero0", "zero1", "zero3", "col-torch_ddp", "col-zero2", "cls-ddp", "cls-zero3"}
+EXACT = {"ddp", "zero0", "zero1", "zero3", "col-torch_ddp", "col-zero2", "cls-ddp", "cls-zero3", "fsdp", "cls-fsdp"}
 
 STEPS = 4
 
@@ -38,6 +38,8 @@ RUNS = {
     "cls-ddp": ("cls", "ddp", {}),
     "cls-zero3": ("cls", "deepspeed", {"zero_stage": 3}),
     "cls-col-tp2": ("cls", "colossal", {"plugin": "hybrid", "tp_size": 2}),
+    "fsdp": ("clm", "fsdp", {}),
+    "cls-fsdp": ("cls", "fsdp", {"reshard_after_forward": False, "offload": True}),
 }
 # bf16: the export must be DeepSpeed's fp32 master weights, not the 16-bit module copy
 BF16_RUNS = {"zero0-bf16": {"zero_stage": 0}, "zero1-bf16": {"zero_stage": 1}}
@@ -168,9 +170,9 @@ def test_bf16_export_takes_the_fp32_master_weights(job, label, tmp_path):
     assert sum(int((t != t.to(torch.bfloat16).float()).sum()) for t in got.values()) > 1000
 
 
-@pytest.mark.parametrize("label", ["zero3", "cls-zero3", "cls-col-tp2"])
+@pytest.mark.parametrize("label", ["zero3", "cls-zero3", "cls-col-tp2", "fsdp", "cls-fsdp"])
 def test_eval_of_any_backends_checkpoint_scores_as_its_export(job, label, tmp_path):
-    """`engine eval RUN/checkpoints/step-4` of a DeepSpeed or ColossalAI run (the backend that wrote
+    """`engine eval RUN/checkpoints/step-4` of a DeepSpeed, ColossalAI or FSDP2 run (the backend that wrote
     the files reads their full weights, as for `engine export`) scores the run's eval set as the
     run's own step-4 model/ export does; in-process, one CPU process."""
     if "col" in label and not _have("colossalai"):

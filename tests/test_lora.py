@@ -1,7 +1,7 @@
 """LoRA through PEFT (`model.lora`) on every backend that takes it, CPU, 2 processes, fp32.
 
 All training runs are scenarios of the session's shared torchrun job (conftest.py). The LoRA run's
-per-step losses on DeepSpeed ZeRO-2/3 (ZeRO-3 with and without CPU offload) must equal the DDP
+per-step losses on DeepSpeed ZeRO-2/3 (ZeRO-3 with and without CPU offload) and FSDP2 must equal the DDP
 run's within 1e-6 (ColossalAI refuses LoRA for now, in one line) (the same adapters, the same frozen base, the
 same torch AdamW update order: for_loop), and the trained adapters must be the same tensors
 (1e-5): ZeRO-3 gathers them before PEFT saves (DeepSpeed #4295 / PEFT #1443 saw adapters saved
@@ -30,8 +30,9 @@ VARIANTS = {  # label -> backend overrides
     "zero3": ["backend.name=deepspeed", "backend.deepspeed.zero_stage=3"],
     "zero3+offload": ["backend.name=deepspeed", "backend.deepspeed.zero_stage=3",
                       "backend.deepspeed.offload_optimizer=cpu", "backend.deepspeed.offload_params=cpu"],
+    "fsdp": ["backend.name=fsdp"],  # FSDP2: frozen base and trainable adapters sharded in the same groups
 }
-CLS_VARIANTS = ("ddp", "zero3")
+CLS_VARIANTS = ("ddp", "zero3", "fsdp")
 
 
 def _variants() -> list[str]:

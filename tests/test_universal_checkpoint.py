@@ -46,9 +46,17 @@ MOVES = {
     "cls-ddp2-to-col-tp2": ("cls", ("ddp", {}, 2), ("colossal", HYBRID_TP2, 2), REORDERED),
     # the same layout (DDP's checkpoint does not depend on the rank count): native, no layout line
     "ddp2-to-ddp1": ("clm", ("ddp", {}, 2), ("ddp", {}, 1), EXACT),
+    # FSDP2 (DCP files by parameter name and global shape) both ways
+    "fsdp2-to-ddp1": ("clm", ("fsdp", {}, 2), ("ddp", {}, 1), EXACT),
+    "zero3-to-fsdp2": ("clm", ("deepspeed", {"zero_stage": 3}, 2), ("fsdp", {}, 2), EXACT),
+    "ddp1-to-fsdp2offload": ("clm", ("ddp", {}, 1), ("fsdp", {"offload": True}, 2), EXACT),
+    "cls-fsdp2-to-col-zero1": ("cls", ("fsdp", {"reshard_after_forward": False}, 2),
+                               ("colossal", {"plugin": "low_level_zero", "zero_stage": 1}, 2), EXACT),
+    # DCP reshards by itself: one layout whatever the rank count, native like DDP's
+    "fsdp2-to-fsdp1": ("clm", ("fsdp", {}, 2), ("fsdp", {}, 1), EXACT),
 }
 
-NATIVE = {"ddp2-to-ddp1"}  # the same layout: loaded from the native files, no layout line
+NATIVE = {"ddp2-to-ddp1", "fsdp2-to-fsdp1"}  # the same layout: loaded from the native files, no layout line
 
 
 def _moves() -> dict:
