@@ -387,7 +387,9 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         tps = [s["tokens_per_s"] for s in steps]
         result["tokens_per_s"] = spread(tps)
         result["samples_per_s"] = spread([s["samples_per_s"] for s in steps])
-        result["step_s"] = spread([result["tokens_per_step"] / x for x in tps])
+        # from samples, not tokens: tokens_per_s counts real (non-padding) tokens, which a step of
+        # instruction data has fewer of than tokens_per_step (global batch x seq)
+        result["step_s"] = spread([global_batch / s["samples_per_s"] for s in steps])
         walls, medians = [], []
         for k in sorted({s.get("round", 1) for s in raw["steps"]}):
             ends = [s["end"] for s in raw["steps"] if s["step"] >= run.warmup and s.get("round", 1) == k]

@@ -28,6 +28,9 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 BUILTIN_SAMPLE = "builtin:sample"  # the project's own generated corpus and tokenizer
 # data.format: how local files are read; auto = by extension (and GLUE TSV for a GLUE task's text files)
 DATA_FORMATS = ("auto", "text", "csv", "tsv", "jsonl", "json")
+# data.layout: what a causal-LM record holds; auto = by its keys (engine/tasks/instruct.py)
+DATA_LAYOUTS = ("auto", "text", "alpaca", "prompt_completion", "chat")
+CHAT_TEMPLATES = ("auto", "engine")  # data.chat_template: the tokenizer's own if it has one, or always the engine's
 
 # The HF Trainer's (TrainingArguments + run_clm/run_glue script) names users bring from their own
 # recipes -> the engine key that means the same. Used only to explain an unknown key.
@@ -108,8 +111,11 @@ class DataConfig:
     label_column: str = "label"
     glue_task: str | None = None      # mrpc, sst2, rte, cola, qqp, mnli, qnli, stsb
     format: str = "auto"              # auto (by extension) | text | csv | tsv (GLUE-style) | jsonl | json
+    layout: str = "auto"              # causal LM: auto (by the records' keys) | text | alpaca | prompt_completion | chat
+    chat_template: str = "auto"       # instruction layouts: auto (the tokenizer's, else the engine's) | engine
     block_size: int = 128
-    packing: bool = True              # causal LM: concatenate and cut into blocks (run_clm); else one row per example
+    packing: bool = True              # causal LM: text concatenated and cut into blocks (run_clm); instruction
+                                      # examples packed whole into rows, no cross-talk; false: one example per row
     validation_split: float = 0.0     # hold out this fraction of train when no validation set is given
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -134,7 +140,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    compile: bool = False             # torch.compile the model (ddp, deepspeed)
+    compile: bool = False             # torch.compile the model (ddp, deepspeed, fsdp)
     eval_every: int = 0               # steps; 0 = only at the end
     eval_batch_size: int | None = None
     save_every: int = 0               # steps; 0 = only at the end
@@ -239,8 +245,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, backend: 
             raise EngineError(f"config file {p} is not UTF-8 text") from None
         if not isinstance(raw, dict):
             raise EngineError(f"config file {p} must hold a mapping at the top level")
-    if path is None and any(o.startswith(("model.name_or_path=", "data.train=")) for o in overrides):
+    if path is None and any(o.startswith("model.name_or_path=") or
+                            (o.startswith("data.train=") and not o.partition("=")[2].startswith("builtin:"))
+                            for o in overrides):
         raw = {}  # overrides name the user's own model/data: the sample job's settings do not apply
+    if path is None and "data.train=builtin:instruct" in overrides and raw:
+        raw["data"]["block_size"] = 256  # the sample's conversations: 4 of 1,200 longer (128: 546 cut short)
     if path is None and any(o.startswith("train.warmup_steps=") for o in overrides):
         raw.get("train", {}).pop("warmup_ratio", None)  # the user's warm-up replaces the sample job's
     if backend is not None:
@@ -455,6 +465,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= d.validation_split < 1:
         raise EngineError(f"data.validation_split must be in [0, 1), got {d.validation_split}")
     _choice(d.format, DATA_FORMATS, "data.format")
+    _choice(d.layout, DATA_LAYOUTS, "data.layout")
+    _choice(d.chat_template, CHAT_TEMPLATES, "data.chat_template")
+    if d.layout not in ("auto", "text") and cfg.task != "causal_lm":
+        raise EngineError(f"data.layout={d.layout} needs task: causal_lm (instruction data is learned by a causal LM)")
     from engine.trackers import TRACKERS, require_trackers
     for name in t.report_to:
         _choice(name, tuple(TRACKERS), "train.report_to")

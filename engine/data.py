@@ -15,6 +15,7 @@ from pathlib import Path
 from engine.config import BUILTIN_SAMPLE
 from engine.errors import EngineError
 
+BUILTIN_INSTRUCT = "builtin:instruct"  # the project's own generated chat records (engine/sample.py)
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 # data.format -> reader; "auto" guesses from the extension
 SUFFIX_FORMATS = {**{s: "text" for s in TEXT_SUFFIXES}, ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
@@ -102,6 +103,9 @@ def read_rows(source: str, field: str, *, split: str = "train", hub_config: str 
     if source == BUILTIN_SAMPLE:
         from engine.sample import sample_corpus
         return [{"text": t} for t in sample_corpus()]
+    if source == BUILTIN_INSTRUCT:
+        from engine.sample import sample_instructions
+        return [dict(r) for r in sample_instructions()]
     path = Path(source).expanduser()
     glue_file = resolve_glue_file(source, split, dev_file)
     if glue_file is not None:

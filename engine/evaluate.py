@@ -193,30 +193,38 @@ def check_new_file(path: str | None, option: str) -> None:
 
 def _builder(cfg, conf, auto_class, source: Source):
     def build() -> torch.nn.Module:
-        extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-        if source.checkpoint is not None:  # any backend's: the one that wrote it reads its full weights
-            from engine.export import load_checkpoint_weights
-            model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                                           **extra)
-            if cfg.model.lora is not None:  # a LoRA run's checkpoint: base and adapters by PEFT's names
-                from engine.modeling import with_lora
-                model = with_lora(model, cfg)
-            load_checkpoint_weights(model, source.checkpoint, "the run's model config")
-            return model
-        if source.adapter is not None:
-            from peft import PeftModel
-            base = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
-                                              trust_remote_code=cfg.model.trust_remote_code, **extra)
-            # trainable: the backend builds its (unused) optimizer over the parameters that train
-            return PeftModel.from_pretrained(base, source.adapter, is_trainable=True)
-        model, info = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
-                                                 trust_remote_code=cfg.model.trust_remote_code,
-                                                 output_loading_info=True, **extra)
-        if info.get("missing_keys"):
-            raise EngineError(f"{cfg.model.name_or_path} lacks weights for {len(info['missing_keys'])} parameters "
-                              f"(e.g. {sorted(info['missing_keys'])[0]}): they would be scored randomly initialised")
+        model = _load(cfg, conf, auto_class, source)
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # as in training: no KV cache (packed batches need it off)
         return model
     return build
+
+
+def _load(cfg, conf, auto_class, source: Source) -> torch.nn.Module:
+    """The model SOURCE names: a checkpoint of any backend, an adapter over its base, or a model folder."""
+    extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    if source.checkpoint is not None:  # any backend's: the one that wrote it reads its full weights
+        from engine.export import load_checkpoint_weights
+        model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                                       **extra)
+        if cfg.model.lora is not None:  # a LoRA run's checkpoint: base and adapters by PEFT's names
+            from engine.modeling import with_lora
+            model = with_lora(model, cfg)
+        load_checkpoint_weights(model, source.checkpoint, "the run's model config")
+        return model
+    if source.adapter is not None:
+        from peft import PeftModel
+        base = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                          trust_remote_code=cfg.model.trust_remote_code, **extra)
+        # trainable: the backend builds its (unused) optimizer over the parameters that train
+        return PeftModel.from_pretrained(base, source.adapter, is_trainable=True)
+    model, info = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                             trust_remote_code=cfg.model.trust_remote_code,
+                                             output_loading_info=True, **extra)
+    if info.get("missing_keys"):
+        raise EngineError(f"{cfg.model.name_or_path} lacks weights for {len(info['missing_keys'])} parameters "
+                          f"(e.g. {sorted(info['missing_keys'])[0]}): they would be scored randomly initialised")
+    return model
 
 
 def run(job: dict) -> dict:

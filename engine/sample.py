@@ -60,3 +60,61 @@ def sample_tokenizer(vocab_size: int = 1000):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
+
+
+# --------------------------------------------------------------------------------------------
+# builtin:instruct: chat records (the `messages` layout) about stories the same grammar writes, so
+# instruction tuning (answer-only loss, multi-turn, packing) can be tried and tested with no file
+# --------------------------------------------------------------------------------------------
+_SYSTEM = "You answer questions about short stories."
+_COUNTS = ["no", "one", "two", "three"]  # stories have one to three sentences
+
+
+def _names_in(text: str) -> list[str]:
+    """The sample's names in order of first appearance."""
+    found = sorted((text.find(n), n) for n in _NAMES if n in text)
+    return [n for _, n in found]
+
+
+def _listing(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _plain_sentence(rng: random.Random) -> str:
+    """A sentence of the grammar without dialogue (a quoted exchange is two sentences in one)."""
+    while '"' in (text := _sentence(rng)):
+        pass
+    return text
+
+
+def _questions(rng: random.Random, sentences: list[str]) -> list[tuple[str, str]]:
+    """Questions about one story with answers read off it, in a random order."""
+    story = " ".join(sentences)
+    names = _names_in(story)
+    absent = rng.choice([n for n in _NAMES if n not in names])
+    asked = rng.choice([absent, rng.choice(names)])
+    qa = [("Who is in the story?", f"{_listing(names)}."),
+          ("How many sentences does it have?", f"It has {_COUNTS[len(sentences)]} sentence"
+           f"{'s' if len(sentences) > 1 else ''}."),
+          ("What is its first sentence?", sentences[0]),
+          ("What is its last sentence?", sentences[-1]),
+          (f"Does {asked} appear in it?", "Yes." if asked in names else f"No, {asked} does not.")]
+    rng.shuffle(qa)
+    return qa
+
+
+@functools.lru_cache(maxsize=4)
+def sample_instructions(records: int = 1200, seed: int = 4321) -> tuple[dict, ...]:
+    """Conversations about generated stories: a story and a question, then up to two follow-up
+    questions (one to three assistant turns), some with a system message. Identical everywhere."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(records):
+        sentences = [_plain_sentence(rng) for _ in range(rng.randint(1, 3))]
+        qa = _questions(rng, sentences)[: rng.choice([1, 1, 2, 3])]
+        messages = [{"role": "system", "content": _SYSTEM}] if rng.random() < 0.25 else []
+        for turn, (question, answer) in enumerate(qa):
+            ask = f"{' '.join(sentences)}\n\n{question}" if turn == 0 else question
+            messages += [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+        out.append({"messages": messages})
+    return tuple(out)

@@ -1,4 +1,6 @@
-"""Causal-LM fine-tuning: text packed into block_size blocks (run_clm style) or one row per example."""
+"""Causal-LM fine-tuning: text packed into block_size blocks (run_clm style) or one row per example; or
+instruction data (Alpaca, prompt/completion, chat records: engine/tasks/instruct.py) learned on the
+answers only, packed without cross-talk or one example per row."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 
 from engine.data import read_rows, require_column
 from engine.errors import EngineError
+import engine.tasks.instruct as instruct
 from engine.tasks.base import Collective, Task, TaskData, split_rows
 
 
@@ -18,17 +21,24 @@ class CausalLMTask(Task):
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM
 
-    def _texts(self, cfg, source: str, field: str, split: str) -> list[str]:
-        rows = read_rows(source, field, split=split, hub_config=cfg.data.hub_config, fmt=cfg.data.format)
+    def _rows(self, cfg, source: str, field: str, split: str) -> list[dict]:
+        return read_rows(source, field, split=split, hub_config=cfg.data.hub_config, fmt=cfg.data.format)
+
+    def _texts(self, cfg, rows: list[dict], source: str) -> list[str]:
         column = "text" if "text" in rows[0] and cfg.data.text_column not in rows[0] else cfg.data.text_column
         require_column(rows, column, "data.text_column", source)
         return [str(r[column]) for r in rows if r[column] is not None and str(r[column]).strip()]
 
     def prepare(self, cfg, tokenizer) -> TaskData:
         d = cfg.data
-        train_texts = self._texts(cfg, d.train, "data.train", "train")
-        if d.validation:
-            eval_texts = self._texts(cfg, d.validation, "data.validation", "validation")
+        train_rows = self._rows(cfg, d.train, "data.train", "train")
+        eval_rows = self._rows(cfg, d.validation, "data.validation", "validation") if d.validation else None
+        layout, why = instruct.choose_layout(train_rows, d.layout, d.text_column, d.train)
+        if layout != "text":
+            return self._prepare_instructions(cfg, tokenizer, layout, why, train_rows, eval_rows)
+        train_texts = self._texts(cfg, train_rows, d.train)
+        if eval_rows is not None:
+            eval_texts = self._texts(cfg, eval_rows, d.validation)
         elif d.validation_split > 0:
             train_texts, eval_texts = split_rows(train_texts, d.validation_split, cfg.train.seed)
         else:
@@ -43,6 +53,27 @@ class CausalLMTask(Task):
         unit = "blocks" if d.packing else "rows"
         notes = (f"train: {len(train_texts)} rows -> {len(train)} {unit} of <= {d.block_size} tokens",)
         return TaskData(train, evals, None, notes)
+
+    def _prepare_instructions(self, cfg, tokenizer, layout: str, why: str, train_rows, eval_rows) -> TaskData:
+        """Records -> examples learned on their answers (max_*_samples count records), packed or not."""
+        d = cfg.data
+        if d.packing:
+            instruct.check_packing(cfg)
+        if eval_rows is None and d.validation_split > 0:
+            train_rows, eval_rows = split_rows(train_rows, d.validation_split, cfg.train.seed)
+        train_rows = train_rows[: d.max_train_samples] if d.max_train_samples else train_rows
+        if eval_rows is not None and d.max_eval_samples:
+            eval_rows = eval_rows[: d.max_eval_samples]
+        template, which = instruct.template_for(tokenizer, d.chat_template)
+        if template is not None:  # the model/ export's tokenizer then renders prompts as the model learned them
+            tokenizer.chat_template = template
+        train = instruct.prepare_split(train_rows, cfg, tokenizer, layout, template, "data.train", d.train)
+        evals = (instruct.prepare_split(eval_rows, cfg, tokenizer, layout, template, "data.validation",
+                                        d.validation or d.train) if eval_rows else None)
+        notes = [f"data: {layout} layout ({why}); chat template: {which}; loss on the answers only"]
+        notes += [instruct.describe(split, p, layout, d.block_size) for split, p in (("train", train), ("eval", evals))
+                  if p is not None]
+        return TaskData(train.items, evals.items if evals is not None else None, None, tuple(notes))
 
     def _tokenize(self, texts: list[str], tokenizer, block_size: int, field: str):
         # lines of a .txt keep their line breaks; separate documents (rows) end with EOS
@@ -62,6 +93,10 @@ class CausalLMTask(Task):
         return [row[:block_size] for row in ids if row]
 
     def collate(self, examples) -> dict[str, torch.Tensor]:
+        if isinstance(examples[0], instruct.PackedRow):
+            return instruct.collate_packed(examples)
+        if isinstance(examples[0], instruct.Example):
+            return instruct.collate_examples(examples)
         if isinstance(examples, torch.Tensor) or isinstance(examples[0], torch.Tensor):
             input_ids = torch.stack(list(examples))
             return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -74,6 +109,13 @@ class CausalLMTask(Task):
             mask[i, : len(e)] = 1
         labels = input_ids.masked_fill(mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    @staticmethod
+    def tokens_in(batch: dict) -> int:
+        """Real (non-padding) input tokens: prompts and answers alike."""
+        if "position_ids" in batch:  # packed instruction rows carry no attention mask
+            return instruct.packed_tokens(batch)
+        return Task.tokens_in(batch)
 
     def eval_init(self) -> dict:
         return {"loss_sum": 0.0, "tokens": 0}
