@@ -12,6 +12,9 @@ import os
 import random
 import re
 import shutil
+import stat
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,7 +83,7 @@ def check_output_dir(output_dir: Path, continue_run: bool = False, max_steps: in
     continue_run (`--continue`): train a finished run further from its final checkpoint;
     max_steps (when set) must exceed the step it finished at."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
+    if _is_non_directory(output_dir):
         raise EngineError(f"output_dir {output_dir} is an existing file, not a directory; choose another output_dir")
     if continue_run:
         return _check_continue(output_dir, max_steps)
@@ -95,9 +98,29 @@ def check_output_dir(output_dir: Path, continue_run: bool = False, max_steps: in
     return mode
 
 
+def _is_non_directory(path: Path) -> bool:
+    """One stat, not exists() then is_dir(): another node's launcher may remove the directory between the two."""
+    try:
+        return not stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _probe_writable(output_dir: Path) -> None:
     """Create output_dir (and missing parents) and a file in it, then remove all of it again: a
-    directory that cannot be made or written is one line now, not a traceback in every worker."""
+    directory that cannot be made or written is one line now, not a traceback in every worker.
+    The launchers of a multi-node job on one shared disk probe the same directory at the same
+    moment, making and removing it under each other: a failure is believed only when it repeats."""
+    for attempt in range(4):
+        try:
+            return _make_and_probe(output_dir)
+        except (OSError, EngineError):
+            if attempt == 3:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _make_and_probe(output_dir: Path) -> None:
     missing, p = [], output_dir.absolute()
     while not p.exists() and p != p.parent:
         missing.append(p)
@@ -107,9 +130,13 @@ def _probe_writable(output_dir: Path) -> None:
     created: list[Path] = []
     try:
         for d in reversed(missing):
-            d.mkdir()
-            created.append(d)
-        probe = output_dir / f".engine-write-probe-{os.getpid()}"
+            try:
+                d.mkdir()
+                created.append(d)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+        probe = output_dir / f".engine-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -251,6 +251,28 @@ def test_write_probe_leaves_nothing_behind(tmp_path):
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
 
 
+def test_launchers_of_two_nodes_probe_one_new_output_dir_at_once(tmp_path):
+    """Every node's launcher checks the shared output_dir in the same second; each makes it, probes
+    it and removes it again under the others. None of them may take that for an unwritable disk
+    (CI caught `File exists` from a two-node launch)."""
+    import threading
+    from engine.checkpoint import check_output_dir
+    failures = []
+    for trial in range(60):
+        run = tmp_path / f"t{trial}" / "a" / "run"
+        def probe():
+            try:
+                check_output_dir(run)
+            except Exception as e:  # noqa: BLE001 - any failure is the bug
+                failures.append(e)
+        threads = [threading.Thread(target=probe) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []
+
+
 # ------------------------------------------------------------------------------------------------
 # Issue 19: what used to pass the checks or fail late, now one line before anything starts
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from engine.config import load_config
@@ -101,11 +102,18 @@ def test_resume_is_exact(runs):
     status = runs["stopped_status"]  # says it stopped, where and why (not "running")
     assert (status["status"], status["step"], status["reason"]) == ("stopped", 10, "train.stop_at_step"), status
     assert "resumed from step-10" in runs["resume_log"]
-    assert losses(runs["resumed"]) == losses(runs["accum"])  # bit-identical, no repeated steps
+    # the resumed run ends with the very weights of the uninterrupted one, bit for bit
+    from safetensors.torch import load_file
+    resumed, whole = (load_file(runs[k] / "model" / "model.safetensors") for k in ("resumed", "accum"))
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    # and logs each step once; a logged loss may differ in its last bit: the two ran in different
+    # processes (pytest's, torchrun's), whose thread count and buffer alignment order the summing
+    # of the loss scalar differently (CI saw 1 float32 ulp at 2 of 14 steps, with equal weights after)
+    np.testing.assert_allclose(losses(runs["resumed"]), losses(runs["accum"]), rtol=2e-7, atol=0)
 
 
 def test_checkpoints_keep_last_and_are_safe_to_load(runs):
-    import torch
     ckpts = sorted((runs["resumed"] / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step-20", "step-24"]  # keep_last=2
     for f in ("optimizer.pt", "scheduler.pt", "rng-rank0.pt"):

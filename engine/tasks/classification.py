@@ -46,15 +46,12 @@ class ClassificationTask(Task):
         else:
             eval_rows = None
         num_labels = cfg.model.num_labels or (glue.num_labels if glue else None)
-        train = self._encode(train_rows, tokenizer, cfg, "data.train", d.train, glue, num_labels)
-        if num_labels is None:
-            num_labels = max(2, int(max(e["label"] for e in train)) + 1)
-        evals = (self._encode(eval_rows, tokenizer, cfg, "data.validation", validation or d.train, glue, num_labels)
-                 if eval_rows else None)
-        if d.max_train_samples:
-            train = train[: d.max_train_samples]
-        if evals is not None and d.max_eval_samples:
-            evals = evals[: d.max_eval_samples]
+        train, all_labels = self._encode(train_rows, tokenizer, cfg, "data.train", d.train, glue, num_labels,
+                                         d.max_train_samples)
+        if num_labels is None:  # from every row's label, not only the first max_train_samples
+            num_labels = max(2, int(max(all_labels)) + 1)
+        evals = (self._encode(eval_rows, tokenizer, cfg, "data.validation", validation or d.train, glue, num_labels,
+                              d.max_eval_samples)[0] if eval_rows else None)
         self.num_labels = num_labels
         self.pad_token_id = tokenizer.pad_token_id
         self.metric_names = glue.metrics if glue else (("accuracy",) if num_labels > 1 else ("pearson", "spearmanr"))
@@ -63,7 +60,9 @@ class ClassificationTask(Task):
         notes = (f"train: {len(train)} examples, {num_labels} labels", )
         return TaskData(train, evals, num_labels, notes)
 
-    def _encode(self, rows, tokenizer, cfg, field, source, glue, num_labels):
+    def _encode(self, rows, tokenizer, cfg, field, source, glue, num_labels, limit: int = 0):
+        """The first `limit` rows (all if 0) as examples, and every row's label: all are checked,
+        only those used are tokenized."""
         text_col, pair_col, label_col, _ = self._columns(cfg)
         names = {"text": "data.text_column", "pair": "data.text_pair_column", "label": "data.label_column"}
         require_column(rows, text_col, names["text"], source)
@@ -72,10 +71,11 @@ class ClassificationTask(Task):
         require_column(rows, label_col, names["label"], source)
         labels = [self._label(r[label_col], n, glue, num_labels, source, label_col)
                   for n, r in enumerate(rows, 1)]
-        first = [str(r[text_col] or "") for r in rows]
-        second = [str(r[pair_col] or "") for r in rows] if pair_col else None
+        used = rows[:limit] if limit else rows
+        first = [str(r[text_col] or "") for r in used]
+        second = [str(r[pair_col] or "") for r in used] if pair_col else None
         enc = tokenizer(first, second, truncation=True, max_length=cfg.data.block_size)
-        return [{"input_ids": ids, "label": lab} for ids, lab in zip(enc["input_ids"], labels)]
+        return [{"input_ids": ids, "label": lab} for ids, lab in zip(enc["input_ids"], labels)], labels
 
     @staticmethod
     def _label(value, row, glue, num_labels, source, column):

@@ -11,12 +11,14 @@ find the log lines of one scenario in the job's stderr (see scenario_log below).
 """
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 MARKER = "[run_many] scenario "
+SECONDS = "[run_many] seconds "  # on stdout, so scenario_log (stderr) never sees it
 
 
 def scenario_log(job_stderr: str, output_dir) -> list[list[str]]:
@@ -45,8 +47,11 @@ def main() -> None:
     for cfg in scenarios:
         if dist.get_rank() == 0:
             print(f"{MARKER}{cfg['output_dir']}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         run(cfg)
         dist.barrier()
+        if dist.get_rank() == 0:  # the job's cost per scenario, for whoever trims the suite next
+            print(f"{SECONDS}{time.perf_counter() - started:.2f} {cfg['output_dir']}", flush=True)
     dist.destroy_process_group()
 
 
