@@ -26,7 +26,9 @@ def load_results(directory: Path) -> list[dict]:
 
 
 def group_key(r: dict) -> tuple:
-    return (r["model"], r["procs"], r["precision"], r["seq"], r["micro_batch"])
+    """One table per bench invocation (session) and job: ratios to the Trainer and the hand loop are
+    only ever taken between runs of one invocation, never across a folder's older results."""
+    return (r["model"], r["procs"], r["precision"], r["seq"], r["micro_batch"], r.get("session", ""))
 
 
 def _plain(r: dict) -> bool:
@@ -111,10 +113,11 @@ def markdown(results: list[dict]) -> str:
              "device (6N + 12 L d s FLOPs per token) / the device's dense peak (both stated).", ""]
     for key in sorted(groups):
         rows = sorted(groups[key], key=_order)
-        model, procs, precision, seq, mb = key
+        model, procs, precision, seq, mb, session = key
         trainer, hand = _baseline(rows, "hf-trainer"), _baseline(rows, "hand-loop")
         lines += [f"## {model} ({rows[0]['params'] / 1e6:,.1f}M params), {procs} process{'es' if procs > 1 else ''}, "
-                  f"{precision}, seq {seq}, micro-batch {mb} per rank (global {rows[0]['global_batch']})", "",
+                  f"{precision}, seq {seq}, micro-batch {mb} per rank (global {rows[0]['global_batch']})"
+                  + (f", session {session}" if len(sessions) > 1 else ""), "",
                   "| run | outcome | tok/s median (p10-p90) | samples/s | step ms | wall tok/s | x Trainer | x hand "
                   "| MFU (achieved / peak TFLOP/s) | GPU alloc / reserved MiB | host RSS MiB | RSS growth MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -197,8 +200,8 @@ def chart(results: list[dict], path: Path) -> Path | None:
         from matplotlib.patches import Patch
         ax_t.legend(handles=[Patch(color="tab:blue", label="engine"), Patch(color="tab:orange", label="HF Trainer"),
                              Patch(color="tab:green", label="hand loop")], loc="best", fontsize=8, framealpha=0.9)
-        model, procs, precision, seq, mb = key
-        ax_t.set_title(f"{model}, {procs} proc, {precision}, seq {seq}, micro-batch {mb}")
+        model, procs, precision, seq, mb, session = key
+        ax_t.set_title(f"{model}, {procs} proc, {precision}, seq {seq}, micro-batch {mb}, {session}")
         gpu = any("gpu_alloc_mb" in r.get("memory", {}).get("max_over_ranks", {}) for r in rows)
         mems = []
         for r in rows:

@@ -430,16 +430,17 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
 # The matrix
 # --------------------------------------------------------------------------------------------
 def run_matrix(backends: list[str], models: list[str], *, gpus: int, procs: int, seq: int, micro_batch: int,
-               steps: int, warmup: int, precision: str, out: Path, work_dir: Path, timeout: int,
+               steps: int, warmup: int, precision: str, out: Path | None, work_dir: Path, timeout: int,
                repeat: int = 1, echo=print) -> list[dict]:
     parsed = [parse_backend(b) for b in backends]  # bad specs fail before anything runs
     from engine.flops import parse_model
     for m in models:
         parse_model(m)
     device = device_info(gpus)
+    session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = out if out is not None else work_dir / session / "results"  # a user's bench never lands in the project's
     slug_dir = out / device_slug(device, procs)
     slug_dir.mkdir(parents=True, exist_ok=True)
-    session = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     runs = [RunSpec(b, m, procs, gpus, seq, micro_batch, steps, warmup, precision, timeout)
             for m in models for b in parsed]
     results = []

@@ -150,6 +150,19 @@ def _make_and_probe(output_dir: Path) -> None:
                 pass
 
 
+def stop_summary(output_dir: Path) -> str:
+    """What the workers of a signalled run did, from run.json: `finished step 3 and wrote checkpoint
+    step-3` (the launcher says it whether or not the workers' own lines reached it: Ray's log
+    forwarding may drop the last ones at shutdown)."""
+    try:
+        state = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if state.get("status") == "stopped" and isinstance(state.get("step"), int):
+        return f"finished step {state['step']} and wrote checkpoint step-{state['step']}"
+    return "finished their step and wrote a checkpoint"
+
+
 def finished_step(output_dir: Path) -> int | None:
     """The step a finished run ended at (run.json), None if it is not finished."""
     if run_status(output_dir) != "finished":

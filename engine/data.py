@@ -128,7 +128,7 @@ def read_rows(source: str, field: str, *, split: str = "train", hub_config: str 
             rows = _rows_from_csv(path, field, "\t", csv.QUOTE_NONE, tsv_header)
         else:  # jsonl / json: one reader takes JSON lines and a JSON array
             rows = _rows_from_jsonl(path, field)
-    elif _looks_local(source):
+    elif looks_local(source):
         raise EngineError(f"{field}: data file not found: {source}")
     else:
         rows = _rows_from_hub(source, field, split, hub_config)
@@ -137,7 +137,7 @@ def read_rows(source: str, field: str, *, split: str = "train", hub_config: str 
     return rows
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix != "" or source.count("/") > 1
 
 

@@ -44,6 +44,7 @@ device memory (10% is left for the CUDA context, allocator fragmentation and wor
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -69,9 +70,25 @@ class Estimate:
     buffers: int
     act_full: int
     act_ckpt: int
-    host_per_node: int      # offloaded states (host memory, per node)
-    fits_full: bool = False
-    fits_ckpt: bool = False
+    host_per_node: int      # host memory per node (see HOST_COLUMN)
+    gpu_fits_full: bool = False  # the device part (without / with gradient checkpointing)
+    gpu_fits_ckpt: bool = False
+    host_fits: bool = True       # the host part (per node, against the host memory given)
+
+    @property
+    def fits_full(self) -> bool:
+        return self.gpu_fits_full and self.host_fits
+
+    @property
+    def fits_ckpt(self) -> bool:
+        return self.gpu_fits_ckpt and self.host_fits
+
+    def verdict(self, checkpointing: bool) -> str:
+        """`yes`, or which limit fails: `no(gpu)`, `no(host)`, `no(both)`."""
+        gpu = self.gpu_fits_ckpt if checkpointing else self.gpu_fits_full
+        if gpu and self.host_fits:
+            return "yes"
+        return "no(" + ("both" if not gpu and not self.host_fits else "gpu" if not gpu else "host") + ")"
 
     @property
     def model_states(self) -> int:
@@ -87,7 +104,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "model_states": self.model_states, "total_full": self.total_full,
-                "total_ckpt": self.total_ckpt}
+                "total_ckpt": self.total_ckpt, "fits_full": self.fits_full, "fits_ckpt": self.fits_ckpt}
 
 
 def activation_bytes(model: str, seq: int, micro_batch: int, precision: str) -> tuple[int, int]:
@@ -132,8 +149,11 @@ def replicated_row() -> EstimateRow:
 
 
 def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = None, micro_batch: int = 1,
-             precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=None) -> list[Estimate]:
-    """One Estimate per row key in `rows` (default: every listed row); formulas in the module docstring."""
+             precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=None,
+             host_memory: float | None = None) -> list[Estimate]:
+    """One Estimate per row key in `rows` (default: every listed row); formulas in the module docstring.
+    host_memory: per node; the `fits` verdicts then need the host column within FIT_FRACTION of it too
+    (None: device memory only)."""
     table = {row.key: row for row in estimate_rows(listed_only=False)}
     if rows is None:
         selected = [row for row in table.values() if row.listed]
@@ -180,10 +200,16 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
             if ours != gpu:  # keep DeepSpeed's total; put the difference into buffers
                 buf += gpu - ours
         e = Estimate(row.key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
-        e.fits_full = e.total_full <= FIT_FRACTION * gpu_memory
-        e.fits_ckpt = e.total_ckpt <= FIT_FRACTION * gpu_memory
+        e.host_fits = host_memory is None or e.host_per_node <= FIT_FRACTION * host_memory
+        e.gpu_fits_full = e.total_full <= FIT_FRACTION * gpu_memory
+        e.gpu_fits_ckpt = e.total_ckpt <= FIT_FRACTION * gpu_memory
         out.append(e)
     return out
+
+
+def this_machine_memory() -> float:
+    """Physical memory of this machine, bytes (the default host memory of `engine estimate`)."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def parse_size(text: str) -> float:
@@ -195,18 +221,25 @@ def parse_size(text: str) -> float:
     return float(t) * GiB
 
 
+HOST_COLUMN = ("host = host memory per node, GiB: offloaded states on +offload rows (x1.5 buffers); on DeepSpeed "
+               "ZeRO-2/3 rows DeepSpeed's own estimate, which without offload is loading the fp32 weights "
+               "(4 B/param per GPU process x1.5; ZeRO-3 builds partitioned: its largest layer); 0 = nothing counted")
+
+
 def format_table(model: str, rows: list[Estimate], gpus_per_node: int, nodes: int, seq: int, micro_batch: int,
-                 precision: str, gpu_memory: float) -> str:
+                 precision: str, gpu_memory: float, host_memory: float | None = None) -> str:
     counts = param_counts(model)
     g = lambda b: f"{b / GiB:8.2f}"
+    host = (f"; host memory {host_memory / GiB:.0f} GiB per node (fits needs host <= {FIT_FRACTION:.0%} of it too)"
+            if host_memory is not None else "")
     lines = [f"{model}: {counts.total / 1e6:,.1f}M parameters (largest layer {counts.largest_layer / 1e6:,.1f}M); "
              f"{gpus_per_node} GPU(s) x {nodes} node(s); seq {seq}, micro-batch {micro_batch} per GPU, {precision}; "
-             f"device memory {gpu_memory / GiB:.0f} GiB (fits = total <= {FIT_FRACTION:.0%} of it)",
-             "GiB per GPU; host = offloaded states per node; act = activations without / with gradient checkpointing",
+             f"device memory {gpu_memory / GiB:.0f} GiB (fits = total <= {FIT_FRACTION:.0%} of it){host}",
+             "GiB per GPU; act = activations without / with gradient checkpointing; " + HOST_COLUMN,
              f"{'backend':30s} {'params':>8s} {'grads':>8s} {'optim':>8s} {'buffers':>8s} {'states':>8s} "
-             f"{'act':>8s} {'act+gc':>8s} {'total':>8s} {'total+gc':>8s} {'host':>8s}  fits    fits+gc  source"]
+             f"{'act':>8s} {'act+gc':>8s} {'total':>8s} {'total+gc':>8s} {'host':>8s}  {'fits':9s} {'fits+gc':9s} source"]
     for e in rows:
         lines.append(f"{e.backend:30s} {g(e.params)} {g(e.grads)} {g(e.optim)} {g(e.buffers)} {g(e.model_states)} "
                      f"{g(e.act_full)} {g(e.act_ckpt)} {g(e.total_full)} {g(e.total_ckpt)} {g(e.host_per_node)}  "
-                     f"{'yes' if e.fits_full else 'no':7s} {'yes' if e.fits_ckpt else 'no':7s}  {e.source}")
+                     f"{e.verdict(False):9s} {e.verdict(True):9s} {e.source}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ in-process, several go through the torchrun launcher like `engine launch`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def resolve_source(arg: str) -> Source:
                           "or a checkpoint directory (checkpoints/step-N)")
     if p.exists() or arg.startswith((".", "/", "~")) or arg.count("/") > 1:
         raise EngineError(f"model, run or checkpoint not found: {arg}")
+    from engine.hub import check_hub_name
+    check_hub_name(arg, "engine eval")
     return Source("hub", arg)
 
 
@@ -138,6 +141,9 @@ def build_config(source: Source, *, data: str | None, glue_task: str | None, tas
         raw["tokenizer"] = str(model_dir) if has_tokenizer or not old_tokenizer else old_tokenizer
     d = dict(raw.get("data") or {})
     if data is not None:
+        from engine.data import looks_local
+        if looks_local(data) and not Path(data).expanduser().exists():  # named as the user gave it
+            raise EngineError(f"--data {data}: no such file or folder (from {Path.cwd()})")
         for key in ("validation_split", "max_train_samples", "max_eval_samples", "hub_config"):
             d.pop(key, None)
         d["train"] = d["validation"] = data
@@ -262,6 +268,7 @@ def run(job: dict) -> dict:
             if job["predictions"]:
                 with open(job["predictions"], "x") as f:
                     f.writelines(json.dumps(r) + "\n" for r in records)
+            Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)  # runs/eval/ on a first eval
             with open(job["output"], "x") as f:
                 f.write(json.dumps(report, indent=1) + "\n")
             log("eval: " + format_metrics(results))
@@ -279,8 +286,20 @@ def run_and_exit(job: dict) -> None:
         exit_with_one_line(e)
 
 
-def default_output() -> str:
-    return f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def default_output(source: Source) -> str:
+    """Beside what was evaluated: in its run directory when it has one (a run, its model/, one of its
+    checkpoints), else under runs/eval/; never in whatever folder the user happens to stand in."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if source.run_dir is not None:
+        if source.kind == "run":
+            what = ""
+        elif source.kind == "checkpoint":
+            what = f"step-{source.step}-"
+        else:  # the run's model/ (or adapter folder) named by its folder
+            what = f"{Path(source.adapter or source.model).name}-"
+        return str(source.run_dir / f"eval-{what}{stamp}.json")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.adapter or source.model).name or "model")
+    return str(Path("runs") / "eval" / f"{name}-{stamp}.json")
 
 
 def make_job(source: Source, cfg, output: str, predictions: str | None) -> dict:

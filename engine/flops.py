@@ -95,13 +95,17 @@ class Arch:
 
 
 def parse_model(spec: str) -> Arch:
-    """`gpt2`, `gpt2-xl`, `tiny`, or a custom gpt2 size `gpt2:L=4,d=256,h=4,V=8192`."""
+    """`gpt2`, `gpt2-xl`, `tiny`, a custom gpt2 size `gpt2:L=4,d=256,h=4,V=8192`, or any model a user
+    has: a local HF folder, a run directory (its model/), a hub name whose config is in the local cache."""
     if spec in ARCHS:
         kwargs = dict(ARCHS[spec])
+    elif (saved := saved_config(spec)) is not None:
+        kwargs = saved
     else:
         m = re.fullmatch(r"gpt2:(.+)", spec)
         if not m:
-            raise ValueError(f"unknown model {spec!r}; known: {', '.join(ARCHS)} or gpt2:L=..,d=..,h=..,V=..")
+            raise ValueError(f"unknown model {spec!r}: not a local HF folder or run directory, not a hub name in "
+                             f"the local cache, not one of {', '.join(ARCHS)}, nor gpt2:L=..,d=..,h=..,V=..")
         kw = dict(item.split("=", 1) for item in m.group(1).split(","))
         kwargs = {"model_type": "gpt2", "n_layer": int(kw["L"]), "n_embd": int(kw["d"]), "n_head": int(kw["h"]),
                   "vocab_size": int(kw.get("V", 50257)), "n_positions": int(kw.get("ctx", 1024))}
@@ -109,6 +113,33 @@ def parse_model(spec: str) -> Arch:
     return Arch(spec, kwargs, g("n_layer", "num_layers", "num_hidden_layers"), g("n_embd", "hidden_size"),
                 g("n_head", "num_heads", "num_attention_heads"), kwargs["vocab_size"],
                 g("n_positions", "max_position_embeddings"))
+
+
+def saved_config(spec: str) -> dict | None:
+    """config.json of a local HF folder, of a run directory's model/ (its base model's, for a LoRA
+    run's adapter folder) or of a hub name in the local cache; None if there is none."""
+    import json
+    from pathlib import Path
+    folder = Path(spec).expanduser()
+    if (folder / "model").is_dir() and not (folder / "config.json").is_file():
+        folder = folder / "model"  # a run directory
+    if (folder / "adapter_config.json").is_file():  # LoRA adapters: what is estimated is their base model
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return saved_config(base) if base else None
+    path = folder / "config.json"
+    if not path.is_file():
+        if folder.exists() or spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(spec, "config.json")
+        except Exception:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    config = json.loads(path.read_text())
+    return config if "model_type" in config else None
 
 
 def hf_config(arch: Arch, **extra):

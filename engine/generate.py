@@ -10,6 +10,9 @@ from engine.errors import EngineError
 
 def load_for_generation(name_or_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.hub import check_hub_name
+    check_hub_name(name_or_path, "engine generate")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path)

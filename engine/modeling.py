@@ -8,6 +8,7 @@ import torch
 
 from engine.config import BUILTIN_SAMPLE, Config
 from engine.errors import EngineError
+from engine.hub import check_hub_name
 
 from backends.files import check_safetensors, check_torch_file, index_shards
 
@@ -29,6 +30,7 @@ def load_tokenizer(cfg: Config):
             which = "model.name_or_path" if cfg.tokenizer is None else "tokenizer"
             raise EngineError(f"{which} folder {local} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                               "name the tokenizer the model was trained with: tokenizer=<hub id or folder>")
+        check_hub_name(path, "model.name_or_path" if cfg.tokenizer is None else "tokenizer")
         try:
             if local.is_dir() and not (local / "tokenizer_config.json").exists() and (local / "vocab.json").exists():
                 tok = GPT2Tokenizer.from_pretrained(str(local))  # a bare vocab.json + merges.txt folder
@@ -52,6 +54,7 @@ def load_model_config(cfg: Config, tokenizer, num_labels: int | None):
     try:
         if cfg.model.name_or_path:
             overrides.pop("model_type", None)
+            check_hub_name(cfg.model.name_or_path, "model.name_or_path")
             conf = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
                                               **overrides, **extra)
         else:

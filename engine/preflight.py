@@ -42,8 +42,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
         if continue_run:  # no layout gives more: refuse here what the workers would refuse after spawning
             check_continue_steps(Path(cfg.output_dir), most_steps, f"train.epochs={t.epochs:g}",
                                  f" (it gives at most {most_steps} step{'s' if most_steps != 1 else ''})")
-    said = {"resume": "resuming run in ", "continue": "continuing finished run in "}.get(mode, "new run in ")
-    return cfg, [said + cfg.output_dir, *(notes or ())]
+    # a new run is announced by the worker that writes its config.yaml: the directory exists from then on
+    said = {"resume": ["resuming run in " + cfg.output_dir],
+            "continue": ["continuing finished run in " + cfg.output_dir]}.get(mode, [])
+    return cfg, [*said, *(notes or ())]
 
 
 def _checkpoint_space_warning(cfg, conf, task) -> str | None:

@@ -15,6 +15,7 @@ Called at the start of every worker process (engine.worker.run) and in the launc
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # loggers whose records are filtered on the logger itself (records logged on it directly) and on
@@ -26,6 +27,17 @@ LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "colossalai", "bitsandbytes", "t
 # AVX-512 BF16 that its optional hub kernel for 4-bit matmuls could not be loaded; 4-bit runs would
 # fail on their own, loudly.
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+# warnings (and WARNING records) that only say an optional extra is missing or which device a library
+# picked: library noise, shown with ENGINE_VERBOSE=1. ColossalAI warns at import that tensornvme (async
+# checkpoint writes) and apex (fused RMSNorm/LayerNorm kernels) are not installed; DeepSpeed says it
+# set its accelerator to CPU on a machine without a GPU, which is what the run asked for.
+OPTIONAL_EXTRAS = ("install the latest tensornvme", "install apex from source", "Setting accelerator to CPU")
+
+
+def _library_noise(text: str) -> bool:
+    return os.environ.get("ENGINE_VERBOSE", "") in ("", "0") and any(s in text for s in OPTIONAL_EXTRAS)
+
 
 _seen_warnings: set[tuple[type, str]] = set()
 _installed = False
@@ -45,6 +57,8 @@ class OncePerMessage(logging.Filter):
             key = (record.name, record.getMessage())
         except Exception:  # a malformed record: let logging report it as usual
             return True
+        if _library_noise(key[1]):
+            return False
         if key in self.seen:
             return False
         self.seen.add(key)
@@ -64,7 +78,7 @@ def install() -> None:
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         key = (category, str(message))
-        if key in _seen_warnings:
+        if key in _seen_warnings or _library_noise(key[1]):
             return
         _seen_warnings.add(key)
         shown(message, category, filename, lineno, file, line)

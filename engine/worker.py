@@ -121,7 +121,10 @@ def run(cfg_dict: dict) -> dict:
         backend = session.start(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
+            new_run = not (output_dir / "config.yaml").exists()
             _write_config(cfg, output_dir)
+            if new_run:  # said once the directory really holds the run (a launch refused before leaves nothing)
+                log(f"new run in {output_dir}")
             for note in data.notes:
                 log(note)
         if dist.is_initialized():

@@ -202,7 +202,8 @@ def _with_continue(cfg_dict: dict, continue_run: bool) -> dict:
               "(implies classification)")
 @click.option("--task", type=click.Choice(["causal_lm", "classification"]), default=None,
               help="default: from the model's head (*ForSequenceClassification = classification) or the run")
-@click.option("--output", default=None, help="metrics JSON (default ./eval-<timestamp>.json); never overwritten")
+@click.option("--output", default=None, help="metrics JSON (default: eval-<timestamp>.json in the evaluated run's directory, "
+              "else runs/eval/); never overwritten")
 @click.option("--predictions", default=None, help="per-example JSONL: index, prediction, label, logits, "
               "probabilities (classification) or loss, tokens (causal LM)")
 @click.option("--batch-size", type=int, default=None, help="per process (default: the run's eval batch)")
@@ -221,12 +222,12 @@ def eval_(source, overrides, data, glue_task, task, output, predictions, batch_s
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise EngineError(f"unexpected argument {bad[0]!r}: give one model/run/checkpoint and KEY=VALUE overrides")
-    output = output or ev.default_output()
     ev.check_new_file(output, "--output")
     ev.check_new_file(predictions, "--predictions")
-    if predictions and Path(predictions).resolve() == Path(output).resolve():
+    if predictions and output and Path(predictions).resolve() == Path(output).resolve():
         raise EngineError("--output and --predictions must be different files")
     src = ev.resolve_source(source)
+    output = output or ev.default_output(src)
     cfg = ev.build_config(src, data=data, glue_task=glue_task, task=task, batch_size=batch_size,
                           overrides=list(overrides))
     n = ev.preflight(cfg, src)
@@ -300,9 +301,11 @@ def plot(run_dir, output):
 @click.option("--warmup", type=int, default=3, show_default=True, help="steps run first and not measured")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="default: bf16 on GPUs, fp32 on CPU")
-@click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="results folder (default: WORK_DIR/<session>/results, beside this bench's runs; the "
+                   "project's committed benchmarks/results are written only when named here)")
 @click.option("--work-dir", default="runs/bench", show_default=True, type=click.Path(file_okay=False),
-              help="run directories and logs (not results)")
+              help="run directories and logs, one folder per bench session")
 @click.option("--timeout", type=int, default=1200, show_default=True, help="seconds per run before it is killed")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="rounds over the whole matrix (interleaved); measured steps are pooled over rounds")
@@ -319,7 +322,7 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
     try:
         run_matrix(specs, [m for m in models.split(",") if m.strip()], gpus=gpus, procs=procs, seq=seq,
                    micro_batch=micro_batch, steps=steps, warmup=warmup,
-                   precision=precision or ("bf16" if gpus > 0 else "fp32"), out=Path(out),
+                   precision=precision or ("bf16" if gpus > 0 else "fp32"), out=Path(out) if out else None,
                    work_dir=Path(work_dir), timeout=timeout, repeat=repeat, echo=lambda m: click.echo(m, err=True))
     except ValueError as e:
         raise EngineError(str(e)) from None
@@ -333,8 +336,9 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 @click.option("--seq", type=int, default=None, help="default: the model's context length")
 @click.option("--micro-batch", type=int, default=1, show_default=True, help="per GPU")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--host-memory", default=None, help="host RAM per node, e.g. 128GB (default: this machine's)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (bytes)")
-def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, as_json):
+def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
     if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
@@ -344,18 +348,20 @@ def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, as_jso
     try:
         arch = parse_model(model)
         memory = est.parse_size(gpu_memory)
+        host = est.parse_size(host_memory) if host_memory else est.this_machine_memory()
     except (ValueError, KeyError) as e:
         raise EngineError(str(e)) from None
     if min(gpus, nodes, micro_batch) < 1:
         raise EngineError("--gpus, --nodes and --micro-batch must be >= 1")
     seq = seq or arch.context
-    rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory)
+    rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory,
+                        host_memory=host)
     if as_json:
         click.echo(_json.dumps({"model": model, "gpus_per_node": gpus, "nodes": nodes, "seq": seq,
                                 "micro_batch": micro_batch, "precision": precision, "gpu_memory": memory,
-                                "rows": [r.to_dict() for r in rows]}, indent=1))
+                                "host_memory": host, "rows": [r.to_dict() for r in rows]}, indent=1))
     else:
-        click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory))
+        click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory, host))
 
 
 if __name__ == "__main__":

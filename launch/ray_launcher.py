@@ -97,8 +97,10 @@ def launch(cfg_dict: dict, *, workers: int, use_gpu: bool, address: str | None =
                                  stop.launch_id)
             if failure is None:
                 if stop.signum:
-                    raise Interrupted(f"{signal.Signals(stop.signum).name} received: the workers finished their step "
-                                      f"and wrote a checkpoint; relaunch the same command to resume", stop.signum)
+                    from engine.checkpoint import stop_summary
+                    raise Interrupted(f"{signal.Signals(stop.signum).name} received: the workers "
+                                      f"{stop_summary(Path(cfg_dict['output_dir']))}; relaunch the same command to "
+                                      "resume", stop.signum)
                 return
             rank, reason = failure
             if attempt == max_restarts:

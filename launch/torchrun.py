@@ -7,9 +7,11 @@ Node ranks (and so global ranks) are assigned by the rendezvous; --node-rank 0 m
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
+from pathlib import Path
 
 from engine.errors import EngineError, Interrupted
 
@@ -27,17 +29,18 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
 
     from engine.worker import REPORTS_TO_LAUNCHER, run_and_exit
 
-    os.environ[REPORTS_TO_LAUNCHER] = "1"  # workers hand their one-line errors to us (see ChildFailedError below)
-    _quiet_clean_exits()
-    if threads_per_proc:
-        # like torchrun: keep nproc processes from each grabbing every core
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_proc))  # a user's own setting wins
-    # Restarted workers must not share the agents' rendezvous store: it outlives restarts, and
-    # init_process_group keys are not per attempt, so a restarted rank can read a dead rank's
-    # gloo/NCCL address and fail with "connectFullMesh ... Connection refused" (torch 2.13, seen
-    # in tests/test_launch.py). Opting out makes worker rank 0 host a fresh store on a fresh port
-    # in every round.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    _say_worker_failures(max_restarts, cfg_dict.get("output_dir"))
+    # set for the agent and the workers it spawns, and only while they run: a launch from a Python
+    # process (a notebook, the tests) must not leave its OMP_NUM_THREADS on later work there
+    env = {REPORTS_TO_LAUNCHER: "1",  # workers hand their one-line errors to us (see ChildFailedError below)
+           # Restarted workers must not share the agents' rendezvous store: it outlives restarts, and
+           # init_process_group keys are not per attempt, so a restarted rank can read a dead rank's
+           # gloo/NCCL address and fail with "connectFullMesh ... Connection refused" (torch 2.13, seen
+           # in tests/test_launch.py). Opting out makes worker rank 0 host a fresh store on a fresh port
+           # in every round.
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if threads_per_proc and "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
+        env["OMP_NUM_THREADS"] = str(threads_per_proc)  # like torchrun: nproc processes share the cores
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc,
         run_id=os.environ.get("ENGINE_RUN_ID", f"engine-{uuid.uuid4().hex[:8]}" if nnodes == 1 else "engine"),
@@ -52,7 +55,8 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
         # the address other nodes use to reach worker rank 0's store when rank 0 is here
         local_addr="127.0.0.1" if nnodes == 1 else (master_addr if node_rank == 0 else None))
     try:
-        elastic_launch(config, entry or run_and_exit)(cfg_dict)
+        with _environment(env):
+            elastic_launch(config, entry or run_and_exit)(cfg_dict)
     except (DistError, RendezvousError) as e:  # the agents' rendezvous (node 0 hosts its TCP store)
         if _address_in_use(e) and node_rank == 0:
             raise EngineError(f"--master-port {master_port} is already in use on {master_addr}; pick another port"
@@ -68,8 +72,11 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
                           f"--rdzv-timeout {rdzv_timeout} s ({_first_line(e)}); is node 0 running with the same "
                           "--master-addr/--master-port, and is that port reachable from here?") from None
     except SignalException as e:  # the agent forwarded it to the workers, which checkpointed and stopped
-        raise Interrupted(f"{signal.Signals(e.sigval).name} received: the workers finished their step and wrote a "
-                          f"checkpoint; relaunch the same command to resume", e.sigval) from None
+        from engine.checkpoint import stop_summary
+        done = stop_summary(Path(cfg_dict["output_dir"])) if "output_dir" in cfg_dict else \
+            "finished their step and wrote a checkpoint"
+        raise Interrupted(f"{signal.Signals(e.sigval).name} received: the workers {done}; relaunch the same "
+                          "command to resume", e.sigval) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT):  # a signal sent to the workers alone
@@ -84,24 +91,63 @@ def launch(cfg_dict: dict, *, nproc: int, nnodes: int = 1, node_rank: int = 0,
                           + "; its traceback is above") from None
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _address_in_use(e: BaseException) -> bool:
     text = str(e)
     return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
-class _CleanExitFilter:
-    """torchelastic logs every failed worker with a traceback of its own polling code; a worker that
-    exits 2 has said why in one line (which the launcher prints), so that record is noise."""
+class _WorkerFailureFilter:
+    """torchelastic logs every failed worker with a traceback of its own polling code. A worker that
+    exits 2 has said why in one line (which the launcher prints): that record is noise. A worker that
+    died (killed, crashed) while restarts are left becomes one line saying which, how, and what
+    happens next; the last failure keeps its traceback (the launcher's error line points to it)."""
+
+    def __init__(self, max_restarts: int, output_dir: str | None):
+        self.restarts_left, self.output_dir = max_restarts, output_dir
 
     def filter(self, record) -> bool:
-        return not (record.getMessage().startswith("failed (exitcode: 2)"))
+        if not record.getMessage().startswith("failed (exitcode: "):
+            return True
+        exitcode, local_rank, pid = record.args[:3]
+        if exitcode == 2:
+            return False
+        if self.restarts_left <= 0:
+            return True
+        self.restarts_left -= 1
+        how = (f"killed by {signal.Signals(-exitcode).name}" if isinstance(exitcode, int) and exitcode < 0
+               else f"exit code {exitcode}")
+        resume = "the newest complete checkpoint"
+        if self.output_dir:
+            from engine.checkpoint import latest_checkpoint
+            newest = latest_checkpoint(Path(self.output_dir))
+            resume = newest.name if newest is not None else "the start (no checkpoint yet)"
+        from engine.metrics import log
+        log(f"worker local rank {local_rank} (pid {pid}) died, {how}: restarting all workers of this node "
+            f"({self.restarts_left} restart{'s' if self.restarts_left != 1 else ''} left after this one); "
+            f"they resume from {resume}")
+        return False
 
 
-def _quiet_clean_exits() -> None:
+def _say_worker_failures(max_restarts: int, output_dir: str | None) -> None:
     import logging
     logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    if not any(isinstance(f, _CleanExitFilter) for f in logger.filters):
-        logger.addFilter(_CleanExitFilter())
+    for f in [f for f in logger.filters if isinstance(f, _WorkerFailureFilter)]:
+        logger.removeFilter(f)  # one launch per process normally; tests launch several in one
+    logger.addFilter(_WorkerFailureFilter(max_restarts, output_dir))
 
 
 def _first_line(e: BaseException) -> str:

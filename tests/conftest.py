@@ -95,7 +95,8 @@ def launch_reference(tiny_gpt2, tmp_path_factory) -> list[float]:
     from helpers import losses
     from launching import STEPS, job, launch_ok
     out = tmp_path_factory.mktemp("launch-reference") / "run"
-    launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], out.parent / "log.txt")
+    log = launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], out.parent / "log.txt")
+    assert log.count(f"new run in {out}") == 1, log[-3000:]  # once, by the rank that made the directory
     got = losses(out)
     assert len(got) == STEPS
     return got

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from launch.cli import main
-from tests.helpers import run_engine
+from tests.helpers import REPO, run_engine
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,16 +107,40 @@ def test_estimate_gpt2_xl_agrees_with_deepspeed_estimators():
 
 @pytest.mark.fast
 def test_estimate_fits_verdict_flips_with_gpu_memory():
-    big, code = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "80GB")
+    host = ("--host-memory", "1TB")  # the device verdicts alone, whatever this machine has
+    big, code = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "80GB", *host)
     assert code == 0, big
-    small, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "16GB")
+    small, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "16GB", *host)
     fits = lambda text, b: _row(text, b)[-3]  # columns: ... fits fits+gc source
-    assert fits(big, "ddp") == "yes" and fits(small, "ddp") == "no"   # ~35 GiB per GPU with DDP
-    assert fits(small, "deepspeed:zero3") == "yes"                      # ZeRO-3 shards it 8 ways
-    tiny, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "1GB")
-    assert all(fits(tiny, b) == "no" for b in ("ddp", "deepspeed:zero3", "deepspeed:zero3+offload"))
+    assert fits(big, "ddp") == "yes" and fits(small, "ddp") == "no(gpu)"   # ~35 GiB per GPU with DDP
+    assert fits(small, "deepspeed:zero3") == "yes"                           # ZeRO-3 shards it 8 ways
+    tiny, _ = _estimate("gpt2-xl", "--gpus", "8", "--gpu-memory", "1GB", *host)
+    assert all(fits(tiny, b) == "no(gpu)" for b in ("ddp", "deepspeed:zero3", "deepspeed:zero3+offload"))
     bad, code = _estimate("gpt2-xxl", "--gpus", "8")
     assert code == 2 and "unknown model" in bad
+
+
+@pytest.mark.fast
+def test_estimate_fits_checks_host_memory_too_and_says_which_limit_fails():
+    """GPT-J-6B on one 80 GB GPU: ZeRO-3 with full offload fits the GPU (7.4 GiB) but needs ~152 GiB of
+    host memory per node; on a 128 GiB machine that does not fit, on a 256 GiB one it does."""
+    job = ("gpt-j-6B", "--gpus", "1", "--seq", "1024", "--micro-batch", "1", "--precision", "bf16")
+    small, code = _estimate(*job, "--host-memory", "128GB")
+    assert code == 0, small
+    fits = lambda text, b: _row(text, b)[-3:-1]  # fits, fits+gc
+    assert fits(small, "deepspeed:zero3+offload") == ["no(host)", "no(host)"]
+    assert fits(small, "ddp") == ["no(gpu)", "no(gpu)"]
+    assert "host memory 128 GiB per node" in small
+    large, _ = _estimate(*job, "--host-memory", "256GB")
+    assert fits(large, "deepspeed:zero3+offload") == ["yes", "yes"]
+    tiny_gpu, _ = _estimate(*job, "--host-memory", "128GB", "--gpu-memory", "4GB")
+    assert fits(tiny_gpu, "deepspeed:zero3+offload")[0] == "no(both)"
+    # without --host-memory: this machine's memory
+    from engine.estimate import estimate, this_machine_memory
+    here, _ = _estimate(*job)
+    [row] = estimate("gpt-j-6B", 1, seq=1024, rows=["deepspeed:zero3+offload"], host_memory=this_machine_memory())
+    assert fits(here, "deepspeed:zero3+offload")[0] == row.verdict(False)
+    assert f"host memory {this_machine_memory() / 2**30:.0f} GiB per node" in here
 
 
 # Every row as the estimator computed it before the rows moved into the backend classes (bytes:
@@ -232,12 +256,16 @@ def test_backend_specs_map_to_engine_options():
 # The bench end to end: real runs in subprocesses (1 process each, to stay fast)
 # ------------------------------------------------------------------------------------------------
 def test_bench_end_to_end_records_results_and_failures(tmp_path):
-    out, work = tmp_path / "results", tmp_path / "work"
+    """With the default options, from the user's own folder: the results land beside the bench's runs
+    under runs/bench/<session>/, and the project's committed results are not touched."""
+    committed = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").rglob("*")}
     proc = run_engine(["bench", "--gpus", "0", "--nproc", "1", "--models", "micro", "--seq", "32",
                        "--micro-batch", "2", "--warmup", "1", "--steps", "2",
-                       "--backends", "ddp,ddp@train.precision=fp8", "--baselines", "hand",
-                       "--out", out, "--work-dir", work], timeout=600)
-    results_dir = out / "cpu-1proc"
+                       "--backends", "ddp,ddp@train.precision=fp8", "--baselines", "hand"], cwd=tmp_path, timeout=600)
+    assert not (tmp_path / "benchmarks").exists()
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").rglob("*")} == committed
+    [session] = (tmp_path / "runs" / "bench").iterdir()
+    results_dir = session / "results" / "cpu-1proc"
     files = sorted(results_dir.glob("*.json"))
     assert len(files) == 3, proc.stderr
     results = {r["label"]: r for r in (json.loads(p.read_text()) for p in files)}
@@ -286,3 +314,50 @@ def test_rounds_pool_measured_steps_and_drop_each_rounds_warmup():
     assert r["wall_s"] == 20.0 and r["memory"]["max_over_ranks"]["host_rss_delta_mb"] == 210.0
     failed = dict(raw([1.0], 0.0), outcome="oom", message="out of GPU memory")
     assert merge_rounds([raw([1.0, 2.0, 3.0], 0.0), failed])["outcome"] == "oom"
+
+
+@pytest.mark.fast
+def test_report_takes_ratios_only_within_one_bench_session(tmp_path):
+    """A folder holding two invocations' results (a user's --out reused) gets one table per session;
+    the engine's `x Trainer` is against the Trainer of its own session, never the other's."""
+    from benchmarks.report import markdown, load_results
+    src = REPO / "benchmarks" / "results" / "cpu-2proc"
+    for session, speed in (("S1", 1.0), ("S2", 0.5)):  # the second session ran on a machine half as fast
+        for name in ("tiny__ddp__fp32_s128_b4.json", "tiny__trainer__fp32_s128_b4.json"):
+            r = json.loads((src / name).read_text())
+            r["session"] = session
+            r["tokens_per_s"] = {k: v * speed for k, v in r["tokens_per_s"].items() if k != "n"} | {"n": 10}
+            (tmp_path / f"{session}-{name}").write_text(json.dumps(r))
+    md = markdown(load_results(tmp_path))
+    ddp = json.loads((src / "tiny__ddp__fp32_s128_b4.json").read_text())["tokens_per_s"]["median"]
+    trainer = json.loads((src / "tiny__trainer__fp32_s128_b4.json").read_text())["tokens_per_s"]["median"]
+    assert md.count("session S1") == 1 and md.count("session S2") == 1
+    ddp_rows = [line for line in md.splitlines() if line.startswith("| ddp | ok |")]
+    x_trainer = [line.split(" | ")[6] for line in ddp_rows]  # run, outcome, tok/s, samples/s, step ms, wall, x Trainer
+    assert x_trainer == [f"{ddp / trainer:.2f}"] * 2  # across sessions it would read 2x or 0.5x that
+
+
+@pytest.mark.fast
+def test_estimate_takes_the_model_a_user_has_a_folder_or_a_run(tmp_path):
+    """A local HF folder, a run directory (its model/) and a LoRA run's adapters (their base) are
+    estimated from their config.json: grouped-query attention and the gated MLP counted as built."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from engine.flops import param_counts
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=160, vocab_size=1000, max_position_embeddings=256)
+    folder = tmp_path / "my-llama"
+    config.save_pretrained(folder)
+    run = tmp_path / "run"
+    config.save_pretrained(run / "model")
+    lora_run = tmp_path / "lora-run"
+    (lora_run / "model").mkdir(parents=True)
+    (lora_run / "model" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(folder)}))
+    with torch.device("meta"):
+        built = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    for source in (folder, run, lora_run):
+        assert param_counts(str(source)).total == built
+        text, code = _estimate(str(source), "--gpus", "1", "--host-memory", "1TB")
+        assert code == 0 and text.startswith(f"{source}: 0.2M parameters") and "seq 256" in text, text
+    text, code = _estimate(str(tmp_path / "nothing-here"), "--gpus", "1")
+    assert code == 2 and "not a local HF folder or run directory" in text

@@ -399,6 +399,25 @@ def test_a_default_run_prints_no_optional_kernel_warning():
     assert not ops.logger.isEnabledFor(logging.WARNING) and ops.logger.isEnabledFor(logging.ERROR)
 
 
+def test_library_notes_about_optional_extras_are_shown_only_when_verbose(monkeypatch):
+    """ColossalAI's import-time tensornvme/apex warnings and DeepSpeed's 'Setting accelerator to CPU'
+    record say nothing a run needs: hidden unless ENGINE_VERBOSE=1; other warnings still show once."""
+    import logging
+    from engine import warn_once
+    tensornvme = "Please install the latest tensornvme to use async save. pip install git+https://..."
+    apex = "Please install apex from source (https://github.com/NVIDIA/apex) to use the fused RMSNorm kernel"
+    accelerator = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+
+    def shown(text):
+        record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, text, None, None)
+        return warn_once.OncePerMessage().filter(record) and not warn_once._library_noise(text)
+    monkeypatch.delenv("ENGINE_VERBOSE", raising=False)
+    assert [shown(t) for t in (tensornvme, apex, accelerator, "engine-test: a warning users need")] == \
+        [False, False, False, True]
+    monkeypatch.setenv("ENGINE_VERBOSE", "1")
+    assert [shown(t) for t in (tensornvme, apex, accelerator)] == [True, True, True]
+
+
 def test_a_job_that_ends_without_saying_so_is_recorded_as_failed(clm, tmp_path, monkeypatch):
     """run.json never claims `running` for a job that has ended: when the workers could not say it
     (killed, crashed), the launcher records it failed, with why."""
@@ -417,3 +436,65 @@ def test_a_job_that_ends_without_saying_so_is_recorded_as_failed(clm, tmp_path, 
     assert result.exit_code == 2, result.output
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "failed" and status["step"] == 3 and "exit code -9" in status["reason"], status
+
+
+def test_a_hub_name_the_machine_cannot_fetch_is_one_line_before_any_retry(clm, tiny_gpt2, monkeypatch):
+    """Without a network, from_pretrained("gpt2") retries for 25-50 s and ends in a traceback: a hub
+    name neither local nor cached is refused first, offline mode or an unreachable hub said as such.
+    from_pretrained is never reached (it would retry)."""
+    import huggingface_hub.constants as hub
+    import transformers
+
+    import engine.hub
+
+    name = "engine-test/not-cached"
+    real = transformers.AutoConfig.from_pretrained
+
+    def not_for_the_name(path, *args, **kwargs):
+        assert str(path) != name, "from_pretrained was called for a name the machine cannot fetch"
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_for_the_name)
+    tokenizer = f"tokenizer={tiny_gpt2}"
+    assert_one_line_error(launch(*clm, f"model.name_or_path={name}", tokenizer),
+                          f"model.name_or_path: {name!r} is a hub name that is not in the local cache",
+                          "HF_HUB_OFFLINE=1", "give a local folder instead")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(engine.hub, "_reachable", {})
+    probed = []
+
+    def no_network(address, timeout):
+        probed.append(address)
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(engine.hub.socket, "create_connection", no_network)
+    assert_one_line_error(launch(*clm, f"model.name_or_path={name}", tokenizer),
+                          f"{hub.ENDPOINT} cannot be reached (no network?)", "HF_ENDPOINT")
+    assert_one_line_error(launch(*clm, f"tokenizer={name}"), f"tokenizer: {name!r} is a hub name")
+    assert len(probed) == 1  # one probe per process, whatever asks next
+    result = CliRunner().invoke(main, ["generate", name, "--prompt", "hi"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: engine generate: {name!r} is a hub name")
+
+
+def test_a_launch_sets_the_workers_environment_only_while_they_run(clm, monkeypatch):
+    """The launcher gives its workers OMP_NUM_THREADS (cores / processes) and its own variables for the
+    agent, and takes them away again: a launch from a Python process (a notebook, the test suite)
+    must not change how later work there runs. (A leaked OMP_NUM_THREADS=1 made the suite's resumed
+    run use 1 thread against the uninterrupted run's 2, and its weights differ in the last bits.)"""
+    import os
+    from engine.worker import REPORTS_TO_LAUNCHER
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    seen = {}
+
+    def elastic_launch(config, entry):
+        seen.update({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", REPORTS_TO_LAUNCHER,
+                                                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")})
+        return lambda cfg: None
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", elastic_launch)
+    result = launch(*clm, "--nproc", "2")
+    assert result.exit_code == 0, result.output
+    assert seen == {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)), REPORTS_TO_LAUNCHER: "1",
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    assert dict(os.environ) == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting wins, and stays
+    assert launch(*clm[:-1], f"{clm[-1]}-2", "--nproc", "2").exit_code == 0
+    assert seen["OMP_NUM_THREADS"] == "3" and os.environ["OMP_NUM_THREADS"] == "3"

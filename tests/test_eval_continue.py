@@ -168,13 +168,17 @@ def test_eval_of_a_run_dir_and_its_ddp_checkpoint(mrpc, tmp_path):
     """A run directory (its model/, task and eval set from config.yaml) and the run's final ddp
     checkpoint (run's model config + the checkpoint's state dict) score as the export does."""
     one, _ = read_eval(mrpc["root"] / "one.json")
-    for name, source in (("run", mrpc["run"]), ("ckpt", mrpc["run"] / "checkpoints" / "step-4")):
-        code, out = cli("eval", source, "--gpus", "0", "--output", tmp_path / f"{name}.json")
+    in_cwd = set(Path.cwd().glob("eval-*.json"))
+    for pattern, source in (("eval-2*.json", mrpc["run"]), ("eval-step-4-*.json", mrpc["run"] / "checkpoints" / "step-4")):
+        code, out = cli("eval", source, "--gpus", "0")  # the report lands in the run directory by default
         assert code == 0, out
-        report = json.loads((tmp_path / f"{name}.json").read_text())
+        [written] = mrpc["run"].glob(pattern)
+        assert f"written to {written}" in out
+        report = json.loads(written.read_text())
         assert report["task"] == "classification" and report["step"] == 4, report
         assert report["metrics"]["accuracy"] == one["metrics"]["accuracy"]
         assert report["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], abs=1e-6)
+    assert set(Path.cwd().glob("eval-*.json")) == in_cwd  # nothing in the folder the user stands in
 
 
 def test_clm_eval_of_a_continued_run(clm_run, tmp_path):
@@ -215,6 +219,8 @@ def test_eval_refusals_are_one_line_and_write_nothing(clm_run, mrpc, tiny_gpt2, 
     assert_one_line_error(code, out, "not a causal LM")
     code, out = cli("eval", tiny_gpt2, "--gpus", "0", "--output", out_file)
     assert_one_line_error(code, out, "--data is required")
+    code, out = cli("eval", mrpc["run"], "--data", "../glue/MRPC", "--gpus", "0", "--output", out_file)
+    assert_one_line_error(code, out, "--data ../glue/MRPC: no such file or folder")  # the option given, not data.train
     code, out = cli("eval", tmp_path / "nope", "--gpus", "0", "--output", out_file)
     assert_one_line_error(code, out, "not found")
     # a checkpoint that does not say which backend wrote it (no layout.json), or a damaged one

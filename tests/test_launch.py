@@ -78,6 +78,10 @@ def test_sigkilled_worker_recovers_from_last_checkpoint(launcher, tiny_gpt2, lau
         assert "Ray: 2 CPU worker(s) on 1 node(s), master 127.0.0.1:" in log
         assert "restarting all 2 workers (1/1)" in log
         assert_ray_stopped(log)
+    else:  # the engine's line, not torchelastic's ProcessExitedException traceback
+        assert (f"worker local rank 1 (pid {killed}) died, killed by SIGKILL: restarting all workers of this node "
+                f"(0 restarts left after this one); they resume from step-{KILL_STEP}") in log, log[-4000:]
+        assert "ProcessExitedException" not in log and "Traceback" not in log, log[-4000:]
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(tiny_gpt2, launch_reference, tmp_path):

@@ -63,10 +63,14 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_gpt2, tmp_path, laun
         first.stop()
     assert code == 128 + signal.SIGTERM, text[-4000:]
     stopped = [ln for ln in text.splitlines() if "stopped at step" in ln and "SIGTERM" in ln]
-    assert len(stopped) == 1, text[-4000:]
-    assert int(stopped[0].split("stopped at step ")[1].split()[0]) == STOP_STEP
+    # rank 0's own line: torchrun passes it through; Ray's forwarding of actor output may drop the
+    # last lines at shutdown (seen in the suite), so there the launcher's closing line carries the step
+    assert len(stopped) == 1 or (launcher == "ray" and not stopped), text[-4000:]
+    assert all(int(line.split("stopped at step ")[1].split()[0]) == STOP_STEP for line in stopped)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", f"step-{STOP_STEP}"]
-    assert text.strip().splitlines()[-1].startswith("stopped: SIGTERM received"), text[-2000:]
+    assert text.strip().splitlines()[-1].startswith(
+        f"stopped: SIGTERM received: the workers finished step {STOP_STEP} and wrote checkpoint step-{STOP_STEP}; "
+        "relaunch the same command to resume"), text[-2000:]
     assert "Traceback" not in text
     assert not (out / LOCK).exists() and not (out / ".engine-stop").exists()
     status = json.loads((out / "run.json").read_text())
