@@ -364,5 +364,54 @@ def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_m
         click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory, host))
 
 
+@main.command()
+@click.argument("model")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per node; 0 = CPU processes (--nproc)")
+@click.option("--nproc", type=int, default=2, show_default=True, help="CPU processes per node when --gpus 0")
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--device", default=None, help="GPU name for the peak FLOP/s and the measured results to use "
+              "(default: this machine's GPU; H100 when it has none)")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="per GPU")
+@click.option("--host-memory", default=None, help="host RAM per node (default: this machine's)")
+@click.option("--seq", type=int, default=None, help="default: the model's context length")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="per GPU / process")
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="default: bf16 on GPUs, fp32 on CPU")
+@click.option("--results", "results_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="bench results to rank by (default: the project's benchmarks/results and runs/bench)")
+def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, micro_batch, precision, results_dirs):
+    """Which backend to use: those that fit, ranked by expected tokens/s, measured where a bench of the
+    same job on the same device class exists: engine recommend gpt2-xl --gpus 8"""
+    if not _gpu_count():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from benchmarks.recommend import COMMITTED_RESULTS, format_choices, recommend as rank
+    from engine import estimate as est
+    from engine.flops import parse_model
+    try:
+        arch = parse_model(model)
+        memory, host = est.parse_size(gpu_memory), (est.parse_size(host_memory) if host_memory
+                                                   else est.this_machine_memory())
+    except (ValueError, KeyError) as e:
+        raise EngineError(str(e)) from None
+    if min(nodes, micro_batch, nproc) < 1 or gpus < 0:
+        raise EngineError("--nodes, --nproc and --micro-batch must be >= 1, --gpus >= 0")
+    if gpus:
+        here = _gpu_count()
+        if device is None and here:
+            from benchmarks.runner import device_info
+            info = device_info(1)
+        else:
+            info = {"kind": "cuda", "gpu_name": device or "H100"}
+            if device is None:
+                click.echo("(no GPU here: assuming H100; --device names another)", err=True)
+    else:
+        info = {"kind": "cpu"}
+    dirs = [Path(d) for d in results_dirs] or [COMMITTED_RESULTS, Path("runs") / "bench"]
+    left_out = []
+    choices = rank(model, gpus, nodes, seq or arch.context, micro_batch, precision or ("bf16" if gpus else "fp32"),
+                   memory, host, info, gpus or nproc, [d for d in dirs if d.is_dir()], left_out)
+    click.echo(format_choices(model, choices, gpus, nodes, nproc, left_out))
+
+
 if __name__ == "__main__":
     main()

@@ -361,3 +361,44 @@ def test_estimate_takes_the_model_a_user_has_a_folder_or_a_run(tmp_path):
         assert code == 0 and text.startswith(f"{source}: 0.2M parameters") and "seq 256" in text, text
     text, code = _estimate(str(tmp_path / "nothing-here"), "--gpus", "1")
     assert code == 2 and "not a local HF folder or run directory" in text
+
+
+@pytest.mark.fast
+def test_recommend_ranks_by_the_committed_cpu_measurements(tmp_path):
+    """On the committed 2-process CPU bench: the measured rows in the measured order (tokens/s of the
+    one session), the file named; the row that failed there (Gemini needs CUDA) left out, with why;
+    rows that bench did not run come after, estimated from its DDP row; the top line is the command."""
+    from benchmarks.recommend import Excluded, format_choices, recommend
+    folder = REPO / "benchmarks" / "results" / "cpu-2proc"
+    left_out: list[Excluded] = []
+    choices = recommend("tiny", 0, 1, 128, 4, "fp32", 0.0, 64 * 2**30, {"kind": "cpu"}, 2, [folder], left_out)
+    results = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    measured = sorted(((r["tokens_per_s"]["median"], r["estimate"]["row"]) for r in results
+                       if r["system"] == "engine" and r["outcome"] == "ok"), reverse=True)
+    assert [(c.row, c.basis) for c in choices[:len(measured)]] == [(row, "measured") for _, row in measured]
+    assert all(c.basis == "estimated" and "ddp's measured" in c.reason for c in choices[len(measured):])
+    assert {c.row for c in choices[len(measured):]} >= {"fsdp:full", "fsdp:grad_op"}  # not in that bench
+    assert [x.row for x in left_out] == ["colossal:gemini"] and "needs CUDA" in left_out[0].reason
+    top = choices[0]
+    assert top.tokens_per_s == measured[0][0] and "cpu-2proc/tiny__" in top.reason  # the file it rests on
+    text = format_choices("tiny", choices, 0, 1, 2, left_out)
+    assert text.splitlines()[0] == f"run: {top.command}" and "--gpus 0 --nproc 2" in top.command
+    # through the CLI, the same first line
+    result = CliRunner().invoke(main, ["recommend", "tiny", "--gpus", "0", "--nproc", "2", "--seq", "128",
+                                       "--micro-batch", "4", "--results", str(folder), "--host-memory", "64GB"])
+    assert result.exit_code == 0 and result.output.splitlines()[0] == f"run: {top.command}", result.output
+
+
+@pytest.mark.fast
+def test_recommend_without_measurements_models_communication_offload_and_host_memory():
+    from benchmarks.recommend import recommend
+    h100 = {"kind": "cuda", "gpu_name": "H100"}
+    eight = {c.row: c for c in recommend("gpt2-xl", 8, 1, 1024, 1, "bf16", 80 * 2**30, 1024 * 2**30, h100, 8, [])}
+    assert all(c.basis == "estimated" and "40% MFU" in c.reason for c in eight.values())
+    # ZeRO-3 gathers parameters on top of DDP's all-reduce; offload pays PCIe and a CPU Adam step
+    assert eight["ddp"].tokens_per_s > eight["deepspeed:zero3"].tokens_per_s > eight["deepspeed:zero3+offload"].tokens_per_s
+    assert eight["deepspeed:zero2"].tokens_per_s == eight["ddp"].tokens_per_s  # the same traffic, modelled
+    # GPT-J-6B on one 80 GB GPU: nothing fits with 128 GiB of host memory, offload rows with 256 GiB
+    assert recommend("gpt-j-6B", 1, 1, 1024, 1, "bf16", 80 * 2**30, 128 * 2**30, h100, 1, []) == []
+    big_host = recommend("gpt-j-6B", 1, 1, 1024, 1, "bf16", 80 * 2**30, 256 * 2**30, h100, 1, [])
+    assert big_host and all("offload" in c.row for c in big_host)
