@@ -144,6 +144,12 @@ def recommend(model: str, gpus: int, nodes: int, seq: int, micro_batch: int, pre
         if e.backend in measured:
             tps, path = measured[e.backend]
             basis, reason = "measured", f"measured {tps:,.0f} tokens/s (bench session {session}, {_shown(path)})"
+            if peak is not None:  # how far the model is from what was measured, where it gives tokens/s
+                said = seq * micro_batch * devices / modelled[e.backend]
+                reason += f"; the step-time model says {said:,.0f} ({said / tps - 1:+.0%})"
+            elif e.backend != anchor:
+                said = measured[anchor][0] * modelled[anchor] / modelled[e.backend]
+                reason += f"; the step-time model, scaled from {anchor}, says {said:,.0f} ({said / tps - 1:+.0%})"
         elif anchor is not None:
             tps = measured[anchor][0] * modelled[anchor] / modelled[e.backend]
             basis, reason = "estimated", (f"estimated {tps:,.0f} tokens/s: {anchor}'s measured "

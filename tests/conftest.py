@@ -13,19 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests never reach the hub (CI has no network): fail fast instead of retrying connections
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import SHARED_DATA, tiny_gpt2_dir  # noqa: E402
-
-
-SHARED_JOB = pytest.StashKey["SharedJobStarter"]()
+from helpers import SHARED_DATA, run_many, tiny_gpt2_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(request, tmp_path_factory):
+def tiny_gpt2(tmp_path_factory):
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA} (set ENGINE_SHARED_DATA)")
-    started = request.config.stash.get(SHARED_JOB, None)
-    if started is not None:  # the model the shared job was started with
-        return started.model
     return tiny_gpt2_dir(tmp_path_factory.mktemp("models"))
 
 
@@ -34,12 +28,7 @@ def tiny_gpt2(request, tmp_path_factory):
 # process imports torch, transformers and the backends' libraries), a tiny scenario 1-3 s, so the
 # 2-process scenarios of every selected module run in ONE torchrun job (tests/drivers/run_many.py):
 # a module declares them in `shared_scenarios(root, model) -> [resolved config dicts]` (each with
-# its own output_dir under root) and reads the results through the `shared_job` fixture.
-#
-# The job starts in the background before the first test, and the modules that do not read it run
-# first (pytest_collection_modifyitems): the job keeps ~1.6 of the 2 cores busy, the tests beside it
-# mostly one, so their overlap takes minutes off the suite. The first test that needs the job waits
-# for it.
+# its own output_dir under root) and reads the results through this fixture.
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class SharedJob:
@@ -52,64 +41,21 @@ class SharedJob:
         return self.roots[module]
 
 
-class SharedJobStarter:
-    def __init__(self, modules: dict, top: Path) -> None:
-        from helpers import ManyJob
-        self.model = tiny_gpt2_dir(top / "models")
-        self.roots, scenarios = {}, []
-        for name in sorted(modules):
-            self.roots[name] = top / "shared" / name
-            scenarios += modules[name].shared_scenarios(self.roots[name], self.model)
-        # DeepSpeed's backend must be the one that joins the process group (deepspeed.init_distributed);
-        # the sort is stable, so each module's scenarios keep their order (stop, then resume)
-        scenarios.sort(key=lambda c: (c.get("backend") or {}).get("name") != "deepspeed")
-        self.count = len(scenarios)
-        self.started = time.perf_counter()
-        self.job = ManyJob(scenarios, top / "shared")
-        self.done: SharedJob | None = None
-
-    def wait(self) -> SharedJob:
-        if self.done is None:
-            proc = self.job.wait(timeout=2400)
-            self.done = SharedJob(self.roots, proc.stdout + proc.stderr, time.perf_counter() - self.started,
-                                  self.count)
-        return self.done
-
-
-def _modules_reading_the_job(items) -> dict:
-    """The modules (by name) of the selected tests that use `shared_job` (directly or through
-    their fixtures)."""
-    return {item.module.__name__: item.module for item in items
-            if "shared_job" in getattr(item, "fixturenames", ()) and hasattr(item.module, "shared_scenarios")}
-
-
-@pytest.hookimpl(trylast=True)  # after deselection (-m, -k)
-def pytest_collection_modifyitems(session, config, items):
-    """The modules that do not read the shared job first (whole modules: their module-scoped
-    fixtures set up once), then those that do; otherwise pytest's order."""
-    reading = _modules_reading_the_job(items)
-    items.sort(key=lambda item: item.module.__name__ in reading)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtestloop(session):
-    modules = _modules_reading_the_job(session.items)
-    starter = None
-    if modules and not session.config.option.collectonly and SHARED_DATA.is_dir():
-        # pytest's own numbered temporary folder (kept for the last 3 sessions), as tmp_path_factory gives it
-        top = Path(session.config._tmp_path_factory.mktemp("shared-job"))
-        starter = SharedJobStarter(modules, top)
-        session.config.stash[SHARED_JOB] = starter
-    try:
-        yield
-    finally:
-        if starter is not None:
-            starter.job.stop()  # still running when the session ended early (-x, Ctrl-C)
-
-
 @pytest.fixture(scope="session")
-def shared_job(request) -> SharedJob:
-    return request.config.stash[SHARED_JOB].wait()
+def shared_job(request, tiny_gpt2, tmp_path_factory) -> SharedJob:
+    modules = {item.module.__name__: item.module for item in request.session.items
+               if hasattr(item.module, "shared_scenarios")}
+    top = tmp_path_factory.mktemp("shared")
+    roots, scenarios = {}, []
+    for name in sorted(modules):
+        roots[name] = top / name
+        scenarios += modules[name].shared_scenarios(roots[name], tiny_gpt2)
+    # DeepSpeed's backend must be the one that joins the process group (deepspeed.init_distributed);
+    # the sort is stable, so each module's scenarios keep their order (stop, then resume)
+    scenarios.sort(key=lambda c: (c.get("backend") or {}).get("name") != "deepspeed")
+    started = time.perf_counter()
+    proc = run_many(scenarios, top, timeout=2400)
+    return SharedJob(roots, proc.stdout + proc.stderr, time.perf_counter() - started, len(scenarios))
 
 
 # ------------------------------------------------------------------------------------------------

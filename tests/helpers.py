@@ -95,50 +95,17 @@ def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800, nproc: i
     """Every scenario (a resolved config dict) in ONE torchrun job of `nproc` processes
     (tests/drivers/run_many.py): each process pays the torch/transformers/library imports once. Its
     output is kept in workdir/job.log."""
-    return ManyJob(scenarios, workdir, nproc).wait(timeout)
-
-
-class ManyJob:
-    """run_many started in the background: `wait()` gives what run_many returns. Its output goes to
-    files (a pipe nobody reads would fill and stall the job)."""
-
-    def __init__(self, scenarios: list[dict], workdir: Path, nproc: int = 2) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        spec = workdir / "scenarios.json"
-        spec.write_text(json.dumps(scenarios, indent=1))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                      str(Path.home() / ".cache/engine/torch_extensions"))}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(REPO / "tests/drivers/run_many.py"), str(spec)]
-        self.out, self.err = open(workdir / "job.stdout", "w+"), open(workdir / "job.stderr", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.err, text=True,
-                                     start_new_session=True)
-        self.result: subprocess.CompletedProcess | None = None
-
-    def wait(self, timeout: float = 1800) -> subprocess.CompletedProcess:
-        if self.result is None:
-            try:
-                code = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.stop()
-                raise
-            stdout, stderr = (f.seek(0) or f.read() for f in (self.out, self.err))
-            self.out.close(), self.err.close()
-            (self.workdir / "job.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
-            self.result = subprocess.CompletedProcess(self.proc.args, code, stdout, stderr)
-        if self.result.returncode != 0:
-            raise AssertionError(f"run_many failed ({self.result.returncode}); log in {self.workdir / 'job.log'}:\n"
-                                 f"{self.result.stdout[-2000:]}\n{self.result.stderr[-6000:]}")
-        return self.result
-
-    def stop(self) -> None:
-        """The whole job (torchrun and its workers), if it still runs: the session ends early."""
-        import signal
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = workdir / "scenarios.json"
+    spec.write_text(json.dumps(scenarios, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  str(Path.home() / ".cache/engine/torch_extensions"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(REPO / "tests/drivers/run_many.py"), str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "job.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"run_many failed ({proc.returncode}); log in {workdir / 'job.log'}:\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc
