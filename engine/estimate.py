@@ -207,6 +207,24 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     return out
 
 
+# the sweep of `engine estimate --largest`: the published architectures the estimator knows
+SWEEP = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-1.3B", "gpt-neo-2.7B", "gpt-j-6B",
+         "qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "llama-3.1-8b")
+
+
+def largest_models(gpus_per_node: int, nodes: int, seq: int, micro_batch: int, precision: str, gpu_memory: float,
+                   host_memory: float) -> dict[str, tuple[str, int, bool] | None]:
+    """Row -> (the largest model of SWEEP that fits it, its parameter count, needs gradient
+    checkpointing), None when none does; full fine-tuning, every model at `seq` tokens."""
+    best: dict[str, tuple[str, int, bool] | None] = {row.key: None for row in estimate_rows()}
+    for model in sorted(SWEEP, key=lambda m: param_counts(m).total):
+        for e in estimate(model, gpus_per_node, nodes, seq=seq, micro_batch=micro_batch, precision=precision,
+                          gpu_memory=gpu_memory, host_memory=host_memory):
+            if e.fits_full or e.fits_ckpt:
+                best[e.backend] = (model, param_counts(model).total, not e.fits_full)
+    return best
+
+
 def this_machine_memory() -> float:
     """Physical memory of this machine, bytes (the default host memory of `engine estimate`)."""
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

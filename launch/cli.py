@@ -329,7 +329,9 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option("--largest", is_flag=True, help="instead of MODEL: the largest published model each backend can "
+              "train fully on these machines (a sweep from gpt2 to llama-3.1-8b, at --seq, default 2048)")
 @click.option("--gpus", type=int, default=8, show_default=True, help="GPUs per node")
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--gpu-memory", default="80GB", show_default=True, help="per GPU, e.g. 80GB, 24GB")
@@ -338,21 +340,33 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--host-memory", default=None, help="host RAM per node, e.g. 128GB (default: this machine's)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (bytes)")
-def estimate(model, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, as_json):
+def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
     if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from engine import estimate as est
     from engine.flops import parse_model
+    if (model is None) == (not largest):
+        raise EngineError("give a MODEL or --largest (not both)")
     try:
-        arch = parse_model(model)
+        arch = parse_model(model) if model else None
         memory = est.parse_size(gpu_memory)
         host = est.parse_size(host_memory) if host_memory else est.this_machine_memory()
     except (ValueError, KeyError) as e:
         raise EngineError(str(e)) from None
     if min(gpus, nodes, micro_batch) < 1:
         raise EngineError("--gpus, --nodes and --micro-batch must be >= 1")
+    if largest:
+        seq = seq or 2048
+        found = est.largest_models(gpus, nodes, seq, micro_batch, precision, memory, host)
+        click.echo(f"largest model each backend can train fully: {gpus} GPU(s) of {memory / 2**30:.0f} GiB x {nodes} "
+                   f"node(s), {host / 2**30:.0f} GiB host memory per node, seq {seq}, micro-batch {micro_batch}, "
+                   f"{precision} (sweep: {', '.join(est.SWEEP)}; LoRA rows: not in the estimator yet)")
+        for row, hit in found.items():
+            click.echo(f"{row:28s} " + (f"{hit[0]:14s} {hit[1] / 1e9:5.2f}B" + ("  with gradient checkpointing"
+                                                                          if hit[2] else "") if hit else "none"))
+        return
     seq = seq or arch.context
     rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory,
                         host_memory=host)

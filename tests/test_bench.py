@@ -402,3 +402,19 @@ def test_recommend_without_measurements_models_communication_offload_and_host_me
     assert recommend("gpt-j-6B", 1, 1, 1024, 1, "bf16", 80 * 2**30, 128 * 2**30, h100, 1, []) == []
     big_host = recommend("gpt-j-6B", 1, 1, 1024, 1, "bf16", 80 * 2**30, 256 * 2**30, h100, 1, [])
     assert big_host and all("offload" in c.row for c in big_host)
+
+
+@pytest.mark.fast
+def test_estimate_largest_sweeps_the_published_sizes_per_backend():
+    """One 80 GB GPU, seq 2048: replicated DDP tops out at GPT-Neo-2.7B; offload reaches Llama-3.1-8B
+    only with the host memory it needs (512 GiB), not on a 128 GiB machine."""
+    from engine.estimate import largest_models
+    small = largest_models(1, 1, 2048, 1, "bf16", 80 * 2**30, 128 * 2**30)
+    big = largest_models(1, 1, 2048, 1, "bf16", 80 * 2**30, 512 * 2**30)
+    assert small["ddp"][0] == big["ddp"][0] == "gpt-neo-2.7B"
+    assert big["deepspeed:zero3+offload"][0] == "llama-3.1-8b"
+    assert small["deepspeed:zero3+offload"][1] < big["deepspeed:zero3+offload"][1]
+    text, code = _estimate("--largest", "--gpus", "1", "--host-memory", "512GB")
+    assert code == 0 and any(line.split()[:2] == ["deepspeed:zero3+offload", "llama-3.1-8b"]
+                             for line in text.splitlines()), text
+    assert _estimate("gpt2", "--largest")[1] == 2 and _estimate()[1] == 2
