@@ -52,10 +52,12 @@ class Excluded:
 
 
 def step_seconds(row, params: int, flops_per_token: float, tokens_per_device_step: int, devices: int, nodes: int,
-                 precision: str, peak_flops: float, needs_checkpointing: bool) -> float:
-    """The step-time model of the module docstring, per device (seconds)."""
+                 precision: str, peak_flops: float, needs_checkpointing: bool, lora: bool = False) -> float:
+    """The step-time model of the module docstring, per device (seconds). lora: `params` are the
+    adapters' (what is reduced and stepped), and the backward skips the frozen weights' gradients
+    (4 N instead of 6 N FLOPs per token)."""
     grad_bytes = 4 if precision == "fp32" else 2
-    compute = tokens_per_device_step * flops_per_token / (peak_flops * ASSUMED_MFU)
+    compute = tokens_per_device_step * flops_per_token * (2 / 3 if lora else 1) / (peak_flops * ASSUMED_MFU)
     if needs_checkpointing:
         compute *= 4 / 3
     network = 0.0
@@ -108,7 +110,7 @@ def _same_device(recorded: dict, here: dict) -> bool:
 
 def recommend(model: str, gpus: int, nodes: int, seq: int, micro_batch: int, precision: str, gpu_memory: float,
               host_memory: float, device: dict, procs: int, results_dirs: list[Path],
-              excluded: list[Excluded] | None = None) -> list[Choice]:
+              excluded: list[Excluded] | None = None, lora_r: int | None = None) -> list[Choice]:
     """Every row that fits (device and host) and did not fail where it was measured, best first;
     `excluded` collects the rows that fit but failed in the bench session used. `device` as
     benchmarks.runner.device_info records it (kind cpu|cuda, gpu_name); gpus = 0 means `procs`
@@ -119,15 +121,19 @@ def recommend(model: str, gpus: int, nodes: int, seq: int, micro_batch: int, pre
     rows = {r.key: r for r in estimate_rows()}
     if not gpus:  # CPU processes: everything lives in host memory, shared by the node's processes
         gpu_memory = host_memory / procs
-    estimates = estimate(model, gpus or procs, nodes, seq=seq, micro_batch=micro_batch,
-                         precision=precision, gpu_memory=gpu_memory, host_memory=host_memory)
+    from engine.flops import lora_params
+    trainable = lora_params(model, lora_r) if lora_r else None
+    estimates = estimate(model, gpus or procs, nodes, seq=seq, micro_batch=micro_batch, precision=precision,
+                         gpu_memory=gpu_memory, host_memory=host_memory, lora_trainable=trainable)
     fitting = [e for e in estimates if e.fits_full or e.fits_ckpt]
     devices = (gpus or procs) * nodes
     params, per_token = param_counts(model).total, flops_per_token(model, seq)
     peak = device_peak_tflops(device.get("gpu_name") or "", precision) if device.get("kind") == "cuda" else None
     # on a CPU (no data-sheet peak) the model's compute part is only relative: 1 TFLOP/s stands in
     peak_flops = (peak or 1.0) * 1e12
-    session, found = measured_session(results_dirs, model, device, procs, precision, seq, micro_batch)
+    # a bench of full fine-tuning says nothing of a LoRA run's speed (and LoRA bench runs carry overrides)
+    session, found = ("", {}) if lora_r else measured_session(results_dirs, model, device, procs, precision, seq,
+                                                              micro_batch)
     failed = {row for row, (got, _) in found.items() if isinstance(got, str)}  # it fails here: not a choice
     if excluded is not None:
         excluded += [Excluded(e.backend, f"failed in bench session {session} ({_shown(found[e.backend][1])}): "
@@ -135,8 +141,9 @@ def recommend(model: str, gpus: int, nodes: int, seq: int, micro_batch: int, pre
     fitting = [e for e in fitting if e.backend not in failed]
     measured = {row: m for row, m in found.items() if row not in failed}
 
-    modelled = {e.backend: step_seconds(rows[e.backend], params, per_token, seq * micro_batch, devices, nodes,
-                                        precision, peak_flops, not e.fits_full) for e in fitting}
+    modelled = {e.backend: step_seconds(rows[e.backend], trainable or params, per_token, seq * micro_batch, devices,
+                                        nodes, precision, peak_flops, not e.fits_full, lora=bool(lora_r))
+                for e in fitting}
     anchor = next((k for k in modelled if k in measured), None)  # a measured row the others scale from
     choices = []
     for e in fitting:
@@ -172,6 +179,7 @@ def recommend(model: str, gpus: int, nodes: int, seq: int, micro_batch: int, pre
         command = (f"engine launch CONFIG {where}" + (f" --nnodes {nodes}" if nodes > 1 else "")
                    + f" --backend {b.backend}" + (f" {options}" if options else "")
                    + (" train.gradient_checkpointing=true" if not e.fits_full else "")
+                   + (f" model.lora.r={lora_r}" if lora_r else "")
                    + (f" train.precision={precision}" if precision != "fp32" else ""))
         choices.append(Choice(e.backend, not e.fits_full, tps, rel_model, basis, reason, command))
     # what was measured first (by its tokens/s), then what is only estimated: a measurement of this job

@@ -150,10 +150,11 @@ def replicated_row() -> EstimateRow:
 
 def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = None, micro_batch: int = 1,
              precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=None,
-             host_memory: float | None = None) -> list[Estimate]:
+             host_memory: float | None = None, lora_trainable: int | None = None) -> list[Estimate]:
     """One Estimate per row key in `rows` (default: every listed row); formulas in the module docstring.
     host_memory: per node; the `fits` verdicts then need the host column within FIT_FRACTION of it too
-    (None: device memory only)."""
+    (None: device memory only). lora_trainable: a LoRA run's trainable parameters (lora_params): they
+    get gradients and AdamW state, the base only its frozen weights (_frozen_base)."""
     table = {row.key: row for row in estimate_rows(listed_only=False)}
     if rows is None:
         selected = [row for row in table.values() if row.listed]
@@ -170,35 +171,21 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision)
     out = []
     for row in selected:
-        stage = row.zero_stage
-        host = 0
-        source = "formula"
-        if stage is None:  # replicated
-            p, g, o = 4 * P, 4 * P, 8 * P
-            buf = (4 * P if row.grad_bucket and N > 1 else 0) + (2 * P if row.autocast_copy and half else 0)
-        elif stage == 0:
-            p, g, o, buf = (2 * P, 6 * P, 12 * P, 0) if half else (4 * P, 4 * P, 8 * P, 0)
-        elif stage == 1:
-            p, g, o, buf = (2 * P, 2 * P + 4 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P, 12 * P // N, 0)
-        elif stage == 2:
-            p, g, o, buf = (2 * P, 6 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P // N, 12 * P // N, 0)
-        else:
-            pb = 2 if half else 4
-            p, g, o, buf = pb * P // N, 4 * P // N, 12 * P // N, 4 * L
-        if row.offload_optimizer:
-            host = int((g + o) * N / nodes * BUFFER_FACTOR)
-            g, o = 0, 0
-            if row.offload_params:
-                host += int(p * N / nodes * BUFFER_FACTOR)
-                p = 0
-        if half and row.deepspeed_estimator and stage in (2, 3):
-            # DeepSpeed's own figures; our split above sums to the same device total
-            gpu, host = deepspeed_model_states(P, L, gpus_per_node, nodes, stage, row.offload_optimizer,
-                                               row.offload_params)
-            source = "deepspeed"
-            ours = p + g + o + buf
-            if ours != gpu:  # keep DeepSpeed's total; put the difference into buffers
-                buf += gpu - ours
+        if lora_trainable is None:
+            p, g, o, buf, host = _states(row, P, L, N, nodes, half)
+            source = "formula"
+            if half and row.deepspeed_estimator and row.zero_stage in (2, 3):
+                # DeepSpeed's own figures; our split above sums to the same device total
+                gpu, host = deepspeed_model_states(P, L, gpus_per_node, nodes, row.zero_stage, row.offload_optimizer,
+                                                   row.offload_params)
+                source = "deepspeed"
+                ours = p + g + o + buf
+                if ours != gpu:  # keep DeepSpeed's total; put the difference into buffers
+                    buf += gpu - ours
+        else:  # the adapters train as a model of lora_trainable parameters would; the base is frozen weights only
+            p, g, o, buf, host = _states(row, lora_trainable, 0, N, nodes, half)
+            base, base_host = _frozen_base(row, P, L, N, nodes, half)
+            p, host, source = p + base, host + base_host, "formula+lora"
         e = Estimate(row.key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
         e.host_fits = host_memory is None or e.host_per_node <= FIT_FRACTION * host_memory
         e.gpu_fits_full = e.total_full <= FIT_FRACTION * gpu_memory
@@ -207,19 +194,61 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     return out
 
 
+def _states(row, P: int, L: int, N: int, nodes: int, half: bool) -> tuple[int, int, int, int, int]:
+    """(params, grads, optim, buffers on the device per rank, host per node) of P trained
+    parameters (largest layer L) under the row; formulas in the module docstring."""
+    stage, host = row.zero_stage, 0
+    if stage is None:  # replicated
+        p, g, o = 4 * P, 4 * P, 8 * P
+        buf = (4 * P if row.grad_bucket and N > 1 else 0) + (2 * P if row.autocast_copy and half else 0)
+    elif stage == 0:
+        p, g, o, buf = (2 * P, 6 * P, 12 * P, 0) if half else (4 * P, 4 * P, 8 * P, 0)
+    elif stage == 1:
+        p, g, o, buf = (2 * P, 2 * P + 4 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P, 12 * P // N, 0)
+    elif stage == 2:
+        p, g, o, buf = (2 * P, 6 * P // N, 12 * P // N, 0) if half else (4 * P, 4 * P // N, 12 * P // N, 0)
+    else:
+        pb = 2 if half else 4
+        p, g, o, buf = pb * P // N, 4 * P // N, 12 * P // N, 4 * L
+    if row.offload_optimizer:
+        host = int((g + o) * N / nodes * BUFFER_FACTOR)
+        g, o = 0, 0
+        if row.offload_params:
+            host += int(p * N / nodes * BUFFER_FACTOR)
+            p = 0
+    return p, g, o, buf, host
+
+
+def _frozen_base(row, P: int, L: int, N: int, nodes: int, half: bool) -> tuple[int, int]:
+    """(device bytes per rank, host bytes per node) of a LoRA run's frozen base weights: as the
+    engine loads them (fp32) on replicated rows (plus autocast's 16-bit copies), in the training
+    precision on ZeRO rows (DeepSpeed casts the module), sharded on ZeRO-3 rows (plus one gathered
+    layer), in host memory where the row offloads parameters. No gradients, no optimizer state."""
+    width = 2 if half else 4
+    if row.zero_stage is None:
+        return 4 * P + (2 * P if row.autocast_copy and half else 0), 0
+    if row.zero_stage < 3:
+        return width * P, 0
+    if row.offload_params:
+        return 4 * L, int(width * P * N / nodes * BUFFER_FACTOR)
+    return width * P // N + 4 * L, 0
+
+
 # the sweep of `engine estimate --largest`: the published architectures the estimator knows
 SWEEP = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-1.3B", "gpt-neo-2.7B", "gpt-j-6B",
          "qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "llama-3.1-8b")
 
 
 def largest_models(gpus_per_node: int, nodes: int, seq: int, micro_batch: int, precision: str, gpu_memory: float,
-                   host_memory: float) -> dict[str, tuple[str, int, bool] | None]:
+                   host_memory: float, lora_r: int | None = None) -> dict[str, tuple[str, int, bool] | None]:
     """Row -> (the largest model of SWEEP that fits it, its parameter count, needs gradient
-    checkpointing), None when none does; full fine-tuning, every model at `seq` tokens."""
+    checkpointing), None when none does; full fine-tuning (or LoRA of rank lora_r), at `seq` tokens."""
+    from engine.flops import lora_params
     best: dict[str, tuple[str, int, bool] | None] = {row.key: None for row in estimate_rows()}
     for model in sorted(SWEEP, key=lambda m: param_counts(m).total):
         for e in estimate(model, gpus_per_node, nodes, seq=seq, micro_batch=micro_batch, precision=precision,
-                          gpu_memory=gpu_memory, host_memory=host_memory):
+                          gpu_memory=gpu_memory, host_memory=host_memory,
+                          lora_trainable=lora_params(model, lora_r) if lora_r else None):
             if e.fits_full or e.fits_ckpt:
                 best[e.backend] = (model, param_counts(model).total, not e.fits_full)
     return best

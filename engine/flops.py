@@ -186,3 +186,20 @@ def flops_per_token(spec: str, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), formula in the module docstring."""
     arch = parse_model(spec)
     return 6.0 * param_counts(spec).matmul + 12.0 * arch.n_layer * arch.d_model * seq_len
+
+
+@functools.lru_cache(maxsize=32)
+def lora_params(spec: str, r: int) -> int:
+    """Trainable parameters of PEFT's LoRA (rank r, its default target modules for the family) on a
+    causal LM of `spec`, counted as PEFT builds them, on the meta device."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    arch = parse_model(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(arch))
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r,
+                                                 fan_in_fan_out=arch.kwargs["model_type"] == "gpt2"))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+

@@ -32,7 +32,10 @@ QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 # picked: library noise, shown with ENGINE_VERBOSE=1. ColossalAI warns at import that tensornvme (async
 # checkpoint writes) and apex (fused RMSNorm/LayerNorm kernels) are not installed; DeepSpeed says it
 # set its accelerator to CPU on a machine without a GPU, which is what the run asked for.
-OPTIONAL_EXTRAS = ("install the latest tensornvme", "install apex from source", "Setting accelerator to CPU")
+# PEFT calling transformers' deprecated `is_gradient_checkpointing` is one library warning about another:
+# nothing a user can act on either.
+OPTIONAL_EXTRAS = ("install the latest tensornvme", "install apex from source", "Setting accelerator to CPU",
+                   "`is_gradient_checkpointing` is deprecated")
 
 
 def _library_noise(text: str) -> bool:

@@ -339,14 +339,17 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 @click.option("--micro-batch", type=int, default=1, show_default=True, help="per GPU")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--host-memory", default=None, help="host RAM per node, e.g. 128GB (default: this machine's)")
+@click.option("--lora", "lora_r", type=int, default=None, help="LoRA of this rank (PEFT's default target modules "
+              "for the family) instead of full fine-tuning")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (bytes)")
-def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, as_json):
+def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, lora_r, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
     if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from engine import estimate as est
+    from engine import estimate as est, warn_once
     from engine.flops import parse_model
+    warn_once.install()  # LoRA counts import PEFT (and bitsandbytes): their notes are not the estimate's
     if (model is None) == (not largest):
         raise EngineError("give a MODEL or --largest (not both)")
     try:
@@ -355,27 +358,33 @@ def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precisio
         host = est.parse_size(host_memory) if host_memory else est.this_machine_memory()
     except (ValueError, KeyError) as e:
         raise EngineError(str(e)) from None
-    if min(gpus, nodes, micro_batch) < 1:
-        raise EngineError("--gpus, --nodes and --micro-batch must be >= 1")
+    if min(gpus, nodes, micro_batch) < 1 or (lora_r is not None and lora_r < 1):
+        raise EngineError("--gpus, --nodes, --micro-batch and --lora must be >= 1")
+    how = f"with LoRA r={lora_r}" if lora_r else "fully"
     if largest:
         seq = seq or 2048
-        found = est.largest_models(gpus, nodes, seq, micro_batch, precision, memory, host)
-        click.echo(f"largest model each backend can train fully: {gpus} GPU(s) of {memory / 2**30:.0f} GiB x {nodes} "
+        found = est.largest_models(gpus, nodes, seq, micro_batch, precision, memory, host, lora_r)
+        click.echo(f"largest model each backend can train {how}: {gpus} GPU(s) of {memory / 2**30:.0f} GiB x {nodes} "
                    f"node(s), {host / 2**30:.0f} GiB host memory per node, seq {seq}, micro-batch {micro_batch}, "
-                   f"{precision} (sweep: {', '.join(est.SWEEP)}; LoRA rows: not in the estimator yet)")
+                   f"{precision} (sweep: {', '.join(est.SWEEP)})")
         for row, hit in found.items():
             click.echo(f"{row:28s} " + (f"{hit[0]:14s} {hit[1] / 1e9:5.2f}B" + ("  with gradient checkpointing"
                                                                           if hit[2] else "") if hit else "none"))
         return
     seq = seq or arch.context
+    from engine.flops import lora_params
+    trainable = lora_params(model, lora_r) if lora_r else None
     rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory,
-                        host_memory=host)
+                        host_memory=host, lora_trainable=trainable)
     if as_json:
         click.echo(_json.dumps({"model": model, "gpus_per_node": gpus, "nodes": nodes, "seq": seq,
                                 "micro_batch": micro_batch, "precision": precision, "gpu_memory": memory,
-                                "host_memory": host, "rows": [r.to_dict() for r in rows]}, indent=1))
+                                "host_memory": host, "lora_r": lora_r, "lora_trainable": trainable,
+                                "rows": [r.to_dict() for r in rows]}, indent=1))
     else:
-        click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory, host))
+        click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory, host)
+                   + (f"\nLoRA r={lora_r}: {trainable:,} trainable parameters (PEFT's default targets); the base is "
+                      "frozen weights only (no gradients or AdamW state)" if lora_r else ""))
 
 
 @main.command()
@@ -393,13 +402,16 @@ def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precisio
               help="default: bf16 on GPUs, fp32 on CPU")
 @click.option("--results", "results_dirs", multiple=True, type=click.Path(file_okay=False),
               help="bench results to rank by (default: the project's benchmarks/results and runs/bench)")
-def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, micro_batch, precision, results_dirs):
+@click.option("--lora", "lora_r", type=int, default=None, help="LoRA of this rank instead of full fine-tuning")
+def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, micro_batch, precision, results_dirs,
+              lora_r):
     """Which backend to use: those that fit, ranked by expected tokens/s, measured where a bench of the
     same job on the same device class exists: engine recommend gpt2-xl --gpus 8"""
     if not _gpu_count():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from benchmarks.recommend import COMMITTED_RESULTS, format_choices, recommend as rank
-    from engine import estimate as est
+    from engine import estimate as est, warn_once
+    warn_once.install()
     from engine.flops import parse_model
     try:
         arch = parse_model(model)
@@ -407,8 +419,8 @@ def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, m
                                                    else est.this_machine_memory())
     except (ValueError, KeyError) as e:
         raise EngineError(str(e)) from None
-    if min(nodes, micro_batch, nproc) < 1 or gpus < 0:
-        raise EngineError("--nodes, --nproc and --micro-batch must be >= 1, --gpus >= 0")
+    if min(nodes, micro_batch, nproc, lora_r or 1) < 1 or gpus < 0:
+        raise EngineError("--nodes, --nproc, --micro-batch and --lora must be >= 1, --gpus >= 0")
     if gpus:
         here = _gpu_count()
         if device is None and here:
@@ -423,7 +435,7 @@ def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, m
     dirs = [Path(d) for d in results_dirs] or [COMMITTED_RESULTS, Path("runs") / "bench"]
     left_out = []
     choices = rank(model, gpus, nodes, seq or arch.context, micro_batch, precision or ("bf16" if gpus else "fp32"),
-                   memory, host, info, gpus or nproc, [d for d in dirs if d.is_dir()], left_out)
+                   memory, host, info, gpus or nproc, [d for d in dirs if d.is_dir()], left_out, lora_r)
     click.echo(format_choices(model, choices, gpus, nodes, nproc, left_out))
 
 

@@ -418,3 +418,25 @@ def test_estimate_largest_sweeps_the_published_sizes_per_backend():
     assert code == 0 and any(line.split()[:2] == ["deepspeed:zero3+offload", "llama-3.1-8b"]
                              for line in text.splitlines()), text
     assert _estimate("gpt2", "--largest")[1] == 2 and _estimate()[1] == 2
+
+
+@pytest.mark.fast
+def test_estimate_with_lora_counts_the_adapters_as_peft_builds_them_and_the_base_frozen():
+    """--lora R: PEFT's own trainable count (GPT-2 r=8 on c_attn: 294,912, the figure PEFT prints; Llama
+    on q_proj/v_proj: 3,407,872 for Llama-3.1-8B), gradients and AdamW for those only, the base as frozen
+    weights: every row needs less memory than full fine-tuning, and Llama-3.1-8B fits one 80 GB GPU on DDP."""
+    from engine.estimate import estimate
+    from engine.flops import lora_params
+    assert lora_params("gpt2", 8) == 294_912 and lora_params("llama-3.1-8b", 8) == 3_407_872
+    full = {e.backend: e for e in estimate("llama-3.1-8b", 1, seq=2048, host_memory=128 * 2**30)}
+    lora = {e.backend: e for e in estimate("llama-3.1-8b", 1, seq=2048, host_memory=128 * 2**30,
+                                           lora_trainable=lora_params("llama-3.1-8b", 8))}
+    # device + host: offload rows keep the same base on the device either way, but offload only the adapters
+    assert all(lora[k].model_states + lora[k].host_per_node < full[k].model_states + full[k].host_per_node
+               for k in full)
+    ddp = lora["ddp"]
+    assert ddp.optim == 8 * 3_407_872 and ddp.grads == 4 * 3_407_872   # AdamW and grads: the adapters only
+    assert ddp.params == 4 * 3_407_872 + 4 * 8_030_261_248 + 2 * 8_030_261_248  # + fp32 base and autocast copies
+    assert not full["ddp"].fits_full and ddp.fits_full
+    text, code = _estimate("llama-3.1-8b", "--gpus", "1", "--seq", "2048", "--lora", "8", "--host-memory", "128GB")
+    assert code == 0 and "LoRA r=8: 3,407,872 trainable parameters" in text and "Failed to load" not in text, text
