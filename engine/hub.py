@@ -23,7 +23,7 @@ def looks_like_hub_id(name: str) -> bool:
 
 def check_hub_name(name: str, what: str) -> None:
     """`what` names where the user gave it (model.name_or_path=gpt2, tokenizer=..., the generate argument)."""
-    if not looks_like_hub_id(name) or _cached(name):
+    if not looks_like_hub_id(name) or in_local_cache(name):
         return
     import huggingface_hub.constants as hub
     if hub.HF_HUB_OFFLINE:
@@ -36,7 +36,7 @@ def check_hub_name(name: str, what: str) -> None:
                       f"local folder instead (one saved with save_pretrained or snapshot_download){extra}")
 
 
-def _cached(name: str) -> bool:
+def in_local_cache(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
         return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json"))
