@@ -62,14 +62,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def run_status(output_dir: Path) -> str | None:
-    f = Path(output_dir) / RUN_FILE
-    if not f.is_file():
-        return None
+def read_run_state(output_dir: Path) -> dict:
+    """run.json (status, step, reason, ...); {} when there is none or it cannot be read."""
     try:
-        return json.loads(f.read_text()).get("status")
-    except (json.JSONDecodeError, OSError):
-        return None
+        state = json.loads((Path(output_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def run_status(output_dir: Path) -> str | None:
+    return read_run_state(output_dir).get("status")
 
 
 def write_run_status(output_dir: Path, status: str, **extra) -> None:
@@ -154,10 +157,7 @@ def stop_summary(output_dir: Path) -> str:
     """What the workers of a signalled run did, from run.json: `finished step 3 and wrote checkpoint
     step-3` (the launcher says it whether or not the workers' own lines reached it: Ray's log
     forwarding may drop the last ones at shutdown)."""
-    try:
-        state = json.loads((Path(output_dir) / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        state = {}
+    state = read_run_state(output_dir)
     if state.get("status") == "stopped" and isinstance(state.get("step"), int):
         return f"finished step {state['step']} and wrote checkpoint step-{state['step']}"
     return "finished their step and wrote a checkpoint"
@@ -165,9 +165,8 @@ def stop_summary(output_dir: Path) -> str:
 
 def finished_step(output_dir: Path) -> int | None:
     """The step a finished run ended at (run.json), None if it is not finished."""
-    if run_status(output_dir) != "finished":
-        return None
-    return json.loads((Path(output_dir) / RUN_FILE).read_text()).get("step")
+    state = read_run_state(output_dir)
+    return state.get("step") if state.get("status") == "finished" else None
 
 
 def kept_export_dir(output_dir: Path, step: int) -> Path:
@@ -219,12 +218,12 @@ def atomic_write(path: Path, text: str) -> None:
 def mark_run_ended(output_dir: Path, reason: str) -> None:
     """The launcher, once its job has ended: a run.json still saying `running` (the workers died
     before they could say otherwise) says `failed` and why. Best effort (the disk may be full)."""
-    if run_status(output_dir) != "running":
+    state = read_run_state(output_dir)
+    if state.get("status") != "running":
         return
     try:
-        state = json.loads((Path(output_dir) / RUN_FILE).read_text())
         write_run_status(output_dir, "failed", **{k: v for k, v in state.items() if k != "status"}, reason=reason)
-    except (OSError, ValueError):
+    except OSError:
         pass
 
 

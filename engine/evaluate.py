@@ -96,9 +96,9 @@ def resolve_source(arg: str) -> Source:
             return Source("model", str(p), run_dir)
         raise EngineError(f"{p} is not an HF model folder (no config.json), a run directory (no config.yaml) "
                           "or a checkpoint directory (checkpoints/step-N)")
-    if p.exists() or arg.startswith((".", "/", "~")) or arg.count("/") > 1:
+    from engine.hub import check_hub_name, looks_like_hub_id
+    if not looks_like_hub_id(arg):
         raise EngineError(f"model, run or checkpoint not found: {arg}")
-    from engine.hub import check_hub_name
     check_hub_name(arg, "engine eval")
     return Source("hub", arg)
 

@@ -128,7 +128,8 @@ def saved_config(spec: str) -> dict | None:
         return saved_config(base) if base else None
     path = folder / "config.json"
     if not path.is_file():
-        if folder.exists() or spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        from engine.hub import looks_like_hub_id
+        if not looks_like_hub_id(spec):
             return None
         try:
             from huggingface_hub import try_to_load_from_cache

@@ -328,6 +328,21 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
         raise EngineError(str(e)) from None
 
 
+def _estimator_inputs(model: str | None, gpu_memory: str, host_memory: str | None):
+    """For estimate and recommend: MODEL parsed (None when not given), the GPU and host memory per
+    node in bytes (host: this machine's unless given); the libraries' notes kept quiet."""
+    if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from engine import estimate as est, warn_once
+    from engine.flops import parse_model
+    warn_once.install()  # LoRA counts import PEFT (and bitsandbytes): their notes are not the estimate's
+    try:
+        return (parse_model(model) if model else None, est.parse_size(gpu_memory),
+                est.parse_size(host_memory) if host_memory else est.this_machine_memory())
+    except (ValueError, KeyError) as e:
+        raise EngineError(str(e)) from None
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("--largest", is_flag=True, help="instead of MODEL: the largest published model each backend can "
@@ -345,19 +360,10 @@ def bench(backends, baselines, models, gpus, nproc, seq, micro_batch, steps, war
 def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, lora_r, as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
-    if not _gpu_count():  # the estimator imports DeepSpeed's estimators, which warn otherwise
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from engine import estimate as est, warn_once
-    from engine.flops import parse_model
-    warn_once.install()  # LoRA counts import PEFT (and bitsandbytes): their notes are not the estimate's
     if (model is None) == (not largest):
         raise EngineError("give a MODEL or --largest (not both)")
-    try:
-        arch = parse_model(model) if model else None
-        memory = est.parse_size(gpu_memory)
-        host = est.parse_size(host_memory) if host_memory else est.this_machine_memory()
-    except (ValueError, KeyError) as e:
-        raise EngineError(str(e)) from None
+    arch, memory, host = _estimator_inputs(model, gpu_memory, host_memory)
+    from engine import estimate as est
     if min(gpus, nodes, micro_batch) < 1 or (lora_r is not None and lora_r < 1):
         raise EngineError("--gpus, --nodes, --micro-batch and --lora must be >= 1")
     how = f"with LoRA r={lora_r}" if lora_r else "fully"
@@ -407,18 +413,8 @@ def recommend(model, gpus, nproc, nodes, device, gpu_memory, host_memory, seq, m
               lora_r):
     """Which backend to use: those that fit, ranked by expected tokens/s, measured where a bench of the
     same job on the same device class exists: engine recommend gpt2-xl --gpus 8"""
-    if not _gpu_count():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    arch, memory, host = _estimator_inputs(model, gpu_memory, host_memory)
     from benchmarks.recommend import COMMITTED_RESULTS, format_choices, recommend as rank
-    from engine import estimate as est, warn_once
-    warn_once.install()
-    from engine.flops import parse_model
-    try:
-        arch = parse_model(model)
-        memory, host = est.parse_size(gpu_memory), (est.parse_size(host_memory) if host_memory
-                                                   else est.this_machine_memory())
-    except (ValueError, KeyError) as e:
-        raise EngineError(str(e)) from None
     if min(nodes, micro_batch, nproc, lora_r or 1) < 1 or gpus < 0:
         raise EngineError("--nodes, --nproc, --micro-batch and --lora must be >= 1, --gpus >= 0")
     if gpus:
