@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
+from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            UniversalState, moments_by_index, register_backend)
-from backends.files import check_safetensors, check_torch_file
+from backends.files import check_safetensors, files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -51,12 +51,8 @@ class DDPBackend(Backend):
         return ForwardOutput(out.loss.detach(), out.logits.detach() if return_logits else None)
 
     def step(self) -> StepInfo:
-        grad_norm, skipped = self.precision.clip_and_step(self.optimizer, self.module.parameters(),
-                                                          self.spec.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepInfo(grad_norm=grad_norm, skipped=skipped, lr=lr)
+        return self.precision.optimizer_step(self.optimizer, self.scheduler, self.module.parameters(),
+                                             self.spec.max_grad_norm)
 
     @torch.no_grad()
     def eval_forward(self, inputs) -> torch.Tensor:
@@ -100,15 +96,10 @@ class DDPBackend(Backend):
     # model.safetensors is the whole state dict (tied tensors once); optimizer/scheduler/scaler are torch files
     @classmethod
     def checkpoint_problem(cls, directory, layout):
-        where = f"checkpoint {Path(directory).name}"
-        try:
-            check_safetensors(Path(directory) / WEIGHTS, where)
-            for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
-                if name != "scaler.pt" or (Path(directory) / name).exists():
-                    check_torch_file(Path(directory) / name, where)
-        except EngineError as e:
-            return str(e).removeprefix(where + ": ")
-        return None
+        directory = Path(directory)
+        files = [directory / WEIGHTS, directory / "optimizer.pt", directory / "scheduler.pt"]
+        files += [f for f in [directory / "scaler.pt"] if f.exists()]  # fp16 runs only
+        return files_problem(files, f"checkpoint {directory.name}")
 
     @classmethod
     def checkpoint_shapes(cls, directory, layout):

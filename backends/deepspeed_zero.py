@@ -29,7 +29,7 @@ import torch
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            TrainingSpec, UniversalState, moments_by_index, register_backend)
-from backends.files import check_torch_file, load_torch_file
+from backends.files import files_problem, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -607,12 +607,7 @@ class DeepSpeedBackend(Backend):
         ds_dir, where = Path(directory) / CHECKPOINT_TAG, f"checkpoint {Path(directory).name}"
         if not list(ds_dir.glob("*model_states.pt")):
             return f"it has no DeepSpeed {CHECKPOINT_TAG}/*model_states.pt"
-        try:
-            for f in sorted(ds_dir.glob("*.pt")):
-                check_torch_file(f, where)
-        except EngineError as e:
-            return str(e).removeprefix(where + ": ")
-        return None
+        return files_problem(sorted(ds_dir.glob("*.pt")), where)
 
     @classmethod
     def checkpoint_shapes(cls, directory, layout):

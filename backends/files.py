@@ -87,6 +87,17 @@ def check_torch_file(path: Path, where: str) -> None:
         raise EngineError(f"{where}: cannot read weights file {path}: {e.strerror}") from None
 
 
+def files_problem(paths, where: str) -> str | None:
+    """A backend's checkpoint_problem answer for these files, in order (.safetensors headers, torch
+    zips otherwise): the first damage found, worded without the leading `where: `; None when all read."""
+    try:
+        for path in paths:
+            (check_safetensors if Path(path).suffix == ".safetensors" else check_torch_file)(Path(path), where)
+    except EngineError as e:
+        return str(e).removeprefix(where + ": ")
+    return None
+
+
 def load_torch_file(path: Path, where: str, **kwargs):
     """torch.load on CPU, a damaged or truncated file as one line (its pickle raises many kinds)."""
     import torch

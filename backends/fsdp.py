@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            TrainingSpec, UniversalState, register_backend)
-from backends.files import check_torch_file
+from backends.files import files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import DTYPES, AmpPrecision
 
@@ -172,14 +172,8 @@ class FSDPBackend(Backend):
         return ForwardOutput(out.loss.detach().float(), out.logits.detach() if return_logits else None)
 
     def step(self) -> StepInfo:
-        grad_norm, skipped = self.precision.clip_and_step(self.optimizer, self.module.parameters(),
-                                                          self.spec.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor: the norm over all ranks' shards
-            grad_norm = grad_norm.full_tensor()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepInfo(grad_norm=grad_norm, skipped=skipped, lr=lr)
+        return self.precision.optimizer_step(self.optimizer, self.scheduler, self.module.parameters(),
+                                             self.spec.max_grad_norm)
 
     @torch.no_grad()
     def eval_forward(self, inputs) -> torch.Tensor:
@@ -302,13 +296,8 @@ class FSDPBackend(Backend):
                 return f"its DCP shard {CHECKPOINT_DIR}/{name} is missing"
             if f.stat().st_size < end:
                 return f"its DCP shard {CHECKPOINT_DIR}/{name} is truncated ({f.stat().st_size} of {end} bytes)"
-        try:
-            for name in ("scheduler.pt", "scaler.pt"):
-                if name == "scheduler.pt" or (Path(directory) / name).exists():
-                    check_torch_file(Path(directory) / name, where)
-        except EngineError as e:
-            return str(e).removeprefix(where + ": ")
-        return None
+        files = [Path(directory) / "scheduler.pt"] + [f for f in [Path(directory) / "scaler.pt"] if f.exists()]
+        return files_problem(files, where)
 
     @classmethod
     def checkpoint_shapes(cls, directory, layout):

@@ -1,4 +1,4 @@
-"""torch.amp mixed precision for backends that step a torch optimizer themselves (DDP and
+"""torch.amp mixed precision for backends that step a torch optimizer themselves (DDP, FSDP2 and
 ColossalAI's torch_ddp plugin): autocast for bf16/fp16, GradScaler loss scaling for fp16, and the
 one unscale -> clip -> step -> skipped-step sequence (the job of Lightning Fabric's Precision
 plug-in). Backends whose library owns mixed precision (DeepSpeed, ColossalAI's ZeRO plugins) use
@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
+
+from backends.base import StepInfo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,6 +48,19 @@ class AmpPrecision:
         self.scaler.step(optimizer)
         self.scaler.update()
         return grad_norm, self.scaler.get_scale() < scale
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scheduler, parameters: Iterable[torch.Tensor],
+                       max_norm: float) -> StepInfo:
+        """A whole step of a backend that steps a torch optimizer itself (DDP, FSDP2): clip_and_step,
+        the schedule, fresh gradients; with the lr the step used. A DTensor norm (FSDP2's sharded
+        gradients) is made the norm over all ranks' shards."""
+        grad_norm, skipped = self.clip_and_step(optimizer, parameters, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepInfo(grad_norm=grad_norm, skipped=skipped, lr=lr)
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler else {}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
                            StepInfo, TrainingSpec, UniversalState, moments_by_index, register_backend)
-from backends.files import bin_shards, check_torch_file, load_torch_file
+from backends.files import bin_shards, files_problem, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
 
@@ -427,14 +427,12 @@ class ColossalBackend(Backend):
         directory, where = Path(directory), f"checkpoint {Path(directory).name}"
         try:
             files = bin_shards(directory / "model", where)
-            if not files:
-                return "it has no Booster model/ shards"
-            files += sorted((directory / "optimizer").glob("*.bin")) + [directory / "scheduler.pt"]
-            for f in files:
-                check_torch_file(f, where)
-        except EngineError as e:
+        except EngineError as e:  # its shard index is damaged
             return str(e).removeprefix(where + ": ")
-        return None
+        if not files:
+            return "it has no Booster model/ shards"
+        return files_problem(files + sorted((directory / "optimizer").glob("*.bin")) + [directory / "scheduler.pt"],
+                             where)
 
     @classmethod
     def checkpoint_shapes(cls, directory, layout):
