@@ -91,6 +91,34 @@ def small_data(root: Path, *, shakespeare_lines: int, mrpc_rows: tuple[int, int]
     return {"clm": clm, "cls": mrpc}
 
 
+def parity_config(task: str, model: Path | None, out: Path, max_grad_norm: float, grad_accum: int, data: dict,
+                  steps: int = 4) -> dict:
+    """The backends' parity scenarios (tests/test_deepspeed.py, tests/test_fsdp.py): a short fp32 run
+    on `data` ({"clm": text file, "cls": GLUE MRPC folder}), block 32 (64 for MRPC), 64 samples."""
+    train = {"max_steps": steps, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 2e-3,
+             "warmup_ratio": 0.25, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": max_grad_norm,
+             "log_every": 1, "seed": 7, "precision": "fp32",
+             "adamw_impl": "for_loop",  # the per-parameter update: the same order however ZeRO/FSDP flatten
+             "eval_batch_size": 3}  # 7 eval examples: 4 on rank 0 (2 batches), 3 on rank 1 (1 batch)
+    if task == "clm":
+        return {"task": "causal_lm", "model": {"name_or_path": str(model)},
+                "data": {"train": str(data["clm"]), "block_size": 32, "validation_split": 0.02,
+                         "max_train_samples": 64, "max_eval_samples": 7},
+                "train": train, "output_dir": str(out)}
+    return {"task": "classification", "model": {"name_or_path": str(model)},
+            "data": {"train": str(data["cls"]), "glue_task": "mrpc", "block_size": 64, "max_train_samples": 64,
+                     "max_eval_samples": 7},
+            "train": train, "output_dir": str(out)}
+
+
+def with_backend(cfg: dict, name: str, options: dict, **train) -> dict:
+    """A copy of a resolved config on another backend (its options in backend.<name>), train.* updated."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["backend"] = {"name": name, **({name: options} if options else {})}
+    cfg["train"].update(train)
+    return cfg
+
+
 def run_many(scenarios: list[dict], workdir: Path, timeout: int = 1800, nproc: int = 2) -> subprocess.CompletedProcess:
     """Every scenario (a resolved config dict) in ONE torchrun job of `nproc` processes
     (tests/drivers/run_many.py): each process pays the torch/transformers/library imports once. Its

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from drivers.run_many import scenario_log
-from helpers import MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, run_engine, small_data
+from helpers import (MRPC, REPO, SHAKESPEARE, assert_one_error_line, losses, metrics, parity_config, run_engine,
+                     small_data, with_backend)
 
 SEED_JSON = Path(__file__).parent / "data" / "deepspeed_seed_config.json"
 # HF run_clm-style ZeRO-2 file as recipes ship it: "auto" everywhere, the legacy "cpu_offload": true
@@ -53,26 +54,7 @@ DATA: dict = {"clm": SHAKESPEARE, "cls": MRPC}
 
 
 def base_config(task: str, model: Path, out: Path, max_grad_norm: float, grad_accum: int) -> dict:
-    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 2e-3,
-             "warmup_ratio": 0.25, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": max_grad_norm,
-             "log_every": 1, "seed": 7, "precision": "fp32",
-             "adamw_impl": "for_loop",  # the per-parameter update: the same order however ZeRO flattens
-             "eval_batch_size": 3}  # 7 eval examples: 4 on rank 0 (2 batches), 3 on rank 1 (1 batch)
-    if task == "clm":
-        return {"task": "causal_lm", "model": {"name_or_path": str(model)},
-                "data": {"train": str(DATA["clm"]), "block_size": 32, "validation_split": 0.02,
-                         "max_train_samples": 64, "max_eval_samples": 7},
-                "train": train, "output_dir": str(out)}
-    return {"task": "classification", "model": {"name_or_path": str(model)},
-            "data": {"train": str(DATA["cls"]), "glue_task": "mrpc", "block_size": 64, "max_train_samples": 64,
-                     "max_eval_samples": 7},
-            "train": train, "output_dir": str(out)}
-
-
-def with_backend(cfg: dict, name: str, options: dict) -> dict:
-    cfg = json.loads(json.dumps(cfg))
-    cfg["backend"] = {"name": name, **({name: options} if options else {})}
-    return cfg
+    return parity_config(task, model, out, max_grad_norm, grad_accum, DATA, STEPS)
 
 
 def _runs(root: Path) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from drivers.run_many import scenario_log
-from helpers import GPT2_TOKENIZER, MRPC, SHAKESPEARE, losses, metrics, small_data
+from helpers import GPT2_TOKENIZER, MRPC, SHAKESPEARE, losses, metrics, parity_config, small_data, with_backend
 
 STEPS = 4
 TOL = 1e-6
@@ -47,26 +47,7 @@ LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num
 
 
 def base_config(task: str, model: Path | None, out: Path, max_grad_norm: float, grad_accum: int) -> dict:
-    """tests/test_deepspeed.py's base_config (4 steps, block 32, 64 samples)."""
-    train = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 2e-3,
-             "warmup_ratio": 0.25, "scheduler": "linear", "weight_decay": 0.01, "max_grad_norm": max_grad_norm,
-             "log_every": 1, "seed": 7, "precision": "fp32", "adamw_impl": "for_loop", "eval_batch_size": 3}
-    if task == "clm":
-        return {"task": "causal_lm", "model": {"name_or_path": str(model)},
-                "data": {"train": str(DATA["clm"]), "block_size": 32, "validation_split": 0.02,
-                         "max_train_samples": 64, "max_eval_samples": 7},
-                "train": train, "output_dir": str(out)}
-    return {"task": "classification", "model": {"name_or_path": str(model)},
-            "data": {"train": str(DATA["cls"]), "glue_task": "mrpc", "block_size": 64, "max_train_samples": 64,
-                     "max_eval_samples": 7},
-            "train": train, "output_dir": str(out)}
-
-
-def with_backend(cfg: dict, name: str, options: dict, **train) -> dict:
-    cfg = json.loads(json.dumps(cfg))
-    cfg["backend"] = {"name": name, **({name: options} if options else {})}
-    cfg["train"].update(train)
-    return cfg
+    return parity_config(task, model, out, max_grad_norm, grad_accum, DATA, STEPS)
 
 
 def _runs(root: Path) -> dict:
