@@ -94,7 +94,9 @@ def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepL
     model = build_model(spec).to(device)
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"])
+    from transformers import get_linear_schedule_with_warmup
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)  # the engine's and Trainer's 0.0
+    schedule = get_linear_schedule_with_warmup(opt, spec.get("warmup_steps", 0), spec["steps"])  # as theirs
     sampler = DistributedSampler(data, shuffle=True, seed=spec["seed"], drop_last=True) if world > 1 else None
     loader = DataLoader(data, batch_size=spec["micro_batch"], sampler=sampler, shuffle=sampler is None,
                         drop_last=True)
@@ -126,6 +128,7 @@ def hand_loop(spec: dict, device: torch.device, data: torch.Tensor, steps: StepL
             scaler.update()
         else:
             opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         value = loss.item()  # a sync, like the engine's loop
         sync(device)
@@ -157,7 +160,8 @@ def hf_trainer(spec: dict, device: torch.device, data: torch.Tensor, steps: Step
 
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=spec["micro_batch"], max_steps=spec["steps"],
-        learning_rate=spec["lr"], lr_scheduler_type="linear", max_grad_norm=spec["max_grad_norm"],
+        learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=spec.get("warmup_steps", 0),
+        max_grad_norm=spec["max_grad_norm"],
         bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16", seed=spec["seed"],
         gradient_checkpointing=spec["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if spec["gradient_checkpointing"] else None,
