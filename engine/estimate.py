@@ -28,14 +28,19 @@ Sources, per row (the `source` field says which):
   optimizer (and with +offload on ZeRO-3 also the parameters) to host memory, per node, with
   DeepSpeed's buffer factor 1.5.
 
-Activations per rank (Korthikanti et al. 2022, "Reducing Activation Recomputation", no tensor
-parallelism), micro-batch b, sequence s, width h, heads a, layers l, vocabulary V:
-  per layer       c * s*b*h bytes, c = 34 for 16-bit (their figure) and 66 for fp32 (the same
-                  tensors at 4 bytes, dropout masks at 1); plus 5*a*s^2*b (16-bit) or 9*a*s^2*b
-                  (fp32) when attention is not a fused SDPA/flash kernel (GPT-Neo and GPT-J run
-                  eager attention)
-  logits + loss   b*s*V*14 bytes (16-bit: logits, their fp32 upcast, log-softmax, its gradient)
-                  or 12 (fp32)
+Activations per rank, micro-batch b, sequence s, width h, heads a, layers l, vocabulary V, in the
+form of Korthikanti et al. 2022 ("Reducing Activation Recomputation", no tensor parallelism) with
+per-layer constants measured on the H200 (benchmarks/results/h200-x1, GPT-2 124M at 16 x 1024 and
+GPT-2-XL at 8 x 1024, bf16, SDPA attention, dropout off; two sizes give the two unknowns):
+  per layer       c * s*b*h bytes: c = 74 under autocast over fp32 weights (DDP, torch_ddp, the
+                  HF Trainer; layer norms and GELU's pow/tanh run in fp32 there), 44 with 16-bit
+                  weights (DeepSpeed, ColossalAI ZeRO/Gemini, FSDP2's bf16 policy), 88 in fp32 (the
+                  16-bit tensors at 4 bytes; not measured). Their paper's 34 assumes fused kernels:
+                  transformers' GPT-2 saves ~2x that (gelu_new alone keeps four 4h tensors).
+                  Plus 5*a*s^2*b (16-bit) or 9*a*s^2*b (fp32) when attention is not a fused
+                  SDPA/flash kernel (GPT-Neo and GPT-J run eager attention)
+  logits + loss   b*s*V*14 bytes (16-bit: logits, their fp32 upcast, log-softmax, its gradient;
+                  fitted 13.5) or 12 (fp32)
   with gradient checkpointing: each block's input (4*s*b*h, fp32 residual stream) for all l
   layers, plus one layer's full activations while it is recomputed, plus logits + loss.
 
@@ -107,12 +112,19 @@ class Estimate:
                 "total_ckpt": self.total_ckpt, "fits_full": self.fits_full, "fits_ckpt": self.fits_ckpt}
 
 
-def activation_bytes(model: str, seq: int, micro_batch: int, precision: str) -> tuple[int, int]:
-    """(without, with) gradient checkpointing, per rank; formulas in the module docstring."""
+# bytes per s*b*h per layer (module docstring): measured on the H200, fp32 by the tensors' width
+PER_LAYER_AUTOCAST, PER_LAYER_16BIT, PER_LAYER_FP32 = 74, 44, 88
+
+
+def activation_bytes(model: str, seq: int, micro_batch: int, precision: str, *,
+                     autocast: bool) -> tuple[int, int]:
+    """(without, with) gradient checkpointing, per rank; formulas in the module docstring.
+    autocast: 16-bit compute over fp32 weights (EstimateRow.autocast_copy); else 16-bit weights."""
     arch = parse_model(model)
     s, b, h, a, l, V = seq, micro_batch, arch.d_model, arch.n_head, arch.n_layer, arch.vocab
     half = precision != "fp32"
-    per_layer = (34 if half else 66) * s * b * h
+    c = (PER_LAYER_AUTOCAST if autocast else PER_LAYER_16BIT) if half else PER_LAYER_FP32
+    per_layer = c * s * b * h
     if arch.kwargs["model_type"] in EAGER_ATTENTION:
         per_layer += (5 if half else 9) * a * s * s * b
     logits = (14 if half else 12) * b * s * V
@@ -168,9 +180,9 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     seq = seq or arch.context
     P, L, N = counts.total, counts.largest_layer, gpus_per_node * nodes
     half = precision != "fp32"
-    act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision)
     out = []
     for row in selected:
+        act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision, autocast=row.autocast_copy)
         if lora_trainable is None:
             p, g, o, buf, host = _states(row, P, L, N, nodes, half)
             source = "formula"
