@@ -75,6 +75,13 @@ class ForwardOutput:
     logits: torch.Tensor | None = None   # only when asked for (return_logits) and this backend can
 
 
+def loss_and_logits(model_output, return_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss (attached, for backward) and the logits only when asked for. Callers pass the model's
+    output straight in, so it is gone before backward: kept, its 16-bit logits (b*s*V) live through
+    the whole backward, 1.5 GiB more peak memory for GPT-2 at 16 x 1024 (measured on the H200)."""
+    return model_output.loss, (model_output.logits.detach() if return_logits else None)
+
+
 @dataclass
 class BackendSpec:
     name: str

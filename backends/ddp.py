@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           UniversalState, moments_by_index, register_backend)
+                           UniversalState, loss_and_logits, moments_by_index, register_backend)
 from backends.files import check_safetensors, files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
@@ -46,9 +46,9 @@ class DDPBackend(Backend):
         skip_sync = not sync_grads and isinstance(self.ddp, DistributedDataParallel)
         with self.ddp.no_sync() if skip_sync else nullcontext():
             with self.precision.autocast():
-                out = self.model(**batch)
-            self.precision.scale(out.loss / self.spec.grad_accum).backward()
-        return ForwardOutput(out.loss.detach(), out.logits.detach() if return_logits else None)
+                loss, logits = loss_and_logits(self.model(**batch), return_logits)
+            self.precision.scale(loss / self.spec.grad_accum).backward()
+        return ForwardOutput(loss.detach(), logits)
 
     def step(self) -> StepInfo:
         return self.precision.optimizer_step(self.optimizer, self.scheduler, self.module.parameters(),

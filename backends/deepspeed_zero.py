@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           TrainingSpec, UniversalState, moments_by_index, register_backend)
+                           TrainingSpec, UniversalState, loss_and_logits, moments_by_index, register_backend)
 from backends.files import files_problem, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
@@ -476,9 +476,9 @@ class DeepSpeedBackend(Backend):
     def forward_backward(self, batch, sync_grads: bool, return_logits: bool = False):
         # the loop's accumulation window is DeepSpeed's: reduce (stage 0/1) and step only at its end
         self.engine.set_gradient_accumulation_boundary(sync_grads)
-        out = self.engine(**batch)
-        self.engine.backward(out.loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
-        return ForwardOutput(out.loss.detach().float(), out.logits.detach() if return_logits else None)
+        loss, logits = loss_and_logits(self.engine(**batch), return_logits)
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps (= train.grad_accum)
+        return ForwardOutput(loss.detach().float(), logits)
 
     def step(self) -> StepInfo:
         self.engine.set_gradient_accumulation_boundary(True)

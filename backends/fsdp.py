@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           TrainingSpec, UniversalState, register_backend)
+                           TrainingSpec, UniversalState, loss_and_logits, register_backend)
 from backends.files import files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import DTYPES, AmpPrecision
@@ -167,9 +167,9 @@ class FSDPBackend(Backend):
         if sync_grads != self._sync:  # no reduce-scatter until the last micro-batch of the step
             self.module.set_requires_gradient_sync(sync_grads)
             self._sync = sync_grads
-        out = self.model(**batch)
-        self.precision.scale(out.loss / self.spec.grad_accum).backward()
-        return ForwardOutput(out.loss.detach().float(), out.logits.detach() if return_logits else None)
+        loss, logits = loss_and_logits(self.model(**batch), return_logits)
+        self.precision.scale(loss / self.spec.grad_accum).backward()
+        return ForwardOutput(loss.detach().float(), logits)
 
     def step(self) -> StepInfo:
         return self.precision.optimizer_step(self.optimizer, self.scheduler, self.module.parameters(),

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import (Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec,
-                           StepInfo, TrainingSpec, UniversalState, moments_by_index, register_backend)
+                           StepInfo, TrainingSpec, UniversalState, loss_and_logits, moments_by_index, register_backend)
 from backends.files import bin_shards, files_problem, load_torch_file
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 from backends.precision import AmpPrecision
@@ -284,9 +284,9 @@ class ColossalBackend(Backend):
                 return ForwardOutput(self._pipeline_forward_backward(batch))
         with self._no_sync(sync_grads):
             with self.amp.autocast():
-                out = self.model(**batch)
-            self.booster.backward(self.amp.scale(out.loss / self.spec.grad_accum), self.optimizer)
-        return ForwardOutput(out.loss.detach(), out.logits.detach() if return_logits else None)
+                loss, logits = loss_and_logits(self.model(**batch), return_logits)
+            self.booster.backward(self.amp.scale(loss / self.spec.grad_accum), self.optimizer)
+        return ForwardOutput(loss.detach(), logits)
 
     def _pipeline_forward_backward(self, batch) -> torch.Tensor:
         accum = self.spec.grad_accum
