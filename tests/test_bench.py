@@ -122,7 +122,7 @@ def test_estimate_fits_verdict_flips_with_gpu_memory():
 
 @pytest.mark.fast
 def test_estimate_fits_checks_host_memory_too_and_says_which_limit_fails():
-    """GPT-J-6B on one 80 GB GPU: ZeRO-3 with full offload fits the GPU (7.4 GiB) but needs ~152 GiB of
+    """GPT-J-6B on one 80 GB GPU: ZeRO-3 with full offload fits the GPU (8.4 GiB) but needs ~152 GiB of
     host memory per node; on a 128 GiB machine that does not fit, on a 256 GiB one it does."""
     job = ("gpt-j-6B", "--gpus", "1", "--seq", "1024", "--micro-batch", "1", "--precision", "bf16")
     small, code = _estimate(*job, "--host-memory", "128GB")

@@ -84,25 +84,28 @@ ESTIMATE_TARGET = 0.15  # |predicted / measured - 1| for the peak allocated GPU 
 CALL_LIMIT_S = 480
 BUDGET_S = 450
 
-# Plan estimates, seconds on a fresh H100 machine (16 cores); README "Time estimates" says where each
-# comes from. Replace them with the wall times the headline records (every row has its wall_s).
+# Plan estimates, seconds on a fresh GPU machine (16 cores). Measured where the H200's first two calls
+# (benchmarks/results/h200-x1, headline and parity-gpt2, 2026-11-27) ran it: each figure says so;
+# the rest are still guesses (README "Time estimates").
 EST = {
-    "install": 30,         # 13 wheels --no-deps into /tmp, then one process importing deepspeed, colossalai
+    "install": 35,         # measured 35 s and 25 s: 12 wheels --no-deps into /tmp, one process importing them
     "device": 2,           # nvidia-smi for the device's name (the result folder's slug)
-    "bench": 10,           # `engine bench` itself: its imports + one child that asks CUDA for the device
-    "launch": 22,          # one `engine launch --gpus 1`: launcher + worker process (torch + transformers
-                           # imports, ~7 s each), data, model on the GPU, a few steps of a small model
-    "deepspeed": 10,       # deepspeed import + initialize
-    "colossal": 8,         # colossalai import + booster
-    "gemini": 4,           # more: Gemini's chunk manager
-    "trainer": 30,         # torchrun + HF Trainer (its imports, accelerate, set-up)
-    "hand": 18,            # torchrun + the hand-written loop
+    "bench": 22,           # measured: `engine bench` itself (imports, a CUDA device query) and between runs
+    "launch": 42,          # measured 36-44 s for gpt2's 13 steps: one `engine launch --gpus 1`, launcher +
+                           # worker (imports, CUDA context, builtin:sample's tokenizer and blocks, the model)
+    "deepspeed": 3,        # measured 37-45 s for deepspeed:zero2/zero3 against ddp's 36-44
+    "colossal": 4,         # measured 30-46 s for colossal:zero2
+    "gemini": 4,           # more: Gemini's chunk manager (not measured yet)
+    "trainer": 34,         # measured: torchrun + HF Trainer (its imports, accelerate, set-up)
+    "hand": 24,            # measured: torchrun + the hand-written loop
     "estimate": 8,         # `engine estimate --json`: one process per model size, side by side
     "report": 3,           # JSON, Markdown, chart, tarball
     "export": 25,          # smoke: from_pretrained + generate for every run's export, one process on CPU
 }
-EST_HOST_BUILD = {"gpt2-xl": 30, "gpt-neo-2.7B": 60, "gpt-j-6B": 120}  # random init from config on the host
-EST_STEP_S = {"gpt2": 0.05, "gpt2-xl": 0.2, "gpt-neo-2.7B": 0.4, "gpt-j-6B": 1.0}  # one GPU step, as sized
+EST_INIT = 21              # measured: gpt2's random init from config, saved (InitWeights)
+EST_HOST_BUILD = {"gpt2-xl": 16, "gpt-neo-2.7B": 40, "gpt-j-6B": 100}  # random init from config on the host
+# one GPU step as sized: measured on the H200 for gpt2 (16 x 1024: 107 ms) and gpt2-xl (8 x 1024: 361 ms)
+EST_STEP_S = {"gpt2": 0.11, "gpt2-xl": 0.36, "gpt-neo-2.7B": 0.6, "gpt-j-6B": 1.4}
 EST_OFFLOAD = {"gpt2": 10, "gpt2-xl": 40, "gpt-j-6B": 150}  # CPU Adam steps, pinning host memory
 EST_BUILD = {  # JIT builds with this GPU's nvcc, done ahead of the runs that need them (build_kernels.py)
     "colossalai-kernels": 90,   # cpu_adam_x86 + fused_optim_cuda side by side, sm_90 only
@@ -194,7 +197,7 @@ class Build:           # a JIT build done on its own (build_kernels.py); its com
 class InitWeights:     # one random init from config, saved: the rows that compare losses start from it
     model: str             # the bench's model preset
     out_dir: Path
-    est_s: int = 8
+    est_s: int = EST_INIT
 
     def argv(self) -> list[str]:
         # as the engine (seed 0, train.seed) and the baselines build it from config, dropout off; loaded
@@ -379,10 +382,9 @@ def make_bench(part: str, tag: str, size: Size, rows: list[Row], a, timeout: int
 
 
 def extra_rows() -> tuple[list[tuple[str, str, bool]], list[str]]:
-    """Rows for what another engineer is adding, picked up without a change here: an `fsdp` backend once
-    the registry (backends.base.backend_names) has one, with its first bench default as the spec; and a
-    LoRA run on ddp once the config's ModelConfig has a `lora` field. Returns ([(name, spec, compare with
-    ddp)], notes saying what was not added and why)."""
+    """The headline's `fsdp` row once the registry (backends.base.backend_names) has that backend, with
+    its first bench default as the spec. Returns ([(name, spec, compare with ddp)], notes saying what
+    was not added and why)."""
     rows, notes = [], []
     try:
         from backends.base import backend_class, backend_names
@@ -393,11 +395,6 @@ def extra_rows() -> tuple[list[tuple[str, str, bool]], list[str]]:
             notes.append("no fsdp row: the backend registry has no `fsdp` yet (picked up once it has).")
     except ImportError as e:  # a plan printed where torch is missing: the GPU machine decides
         notes.append(f"fsdp row decided where the run happens (the registry did not import here: {e}).")
-    lora = lora_override()
-    if lora:  # LoRA trains other parameters: its losses are not ddp's, so no closeness check
-        rows.append(("ddp + LoRA", f"ddp@{lora}", False))
-    else:
-        notes.append("no LoRA row: the config has no `model.lora` yet (picked up once it has).")
     return rows, notes
 
 
@@ -423,10 +420,8 @@ def lora_override() -> str | None:
 def headline_part(a, extras: list[tuple[str, str, bool]] | None = None) -> Part:
     """The figures asked first, measured in one call (README "headline"). Order: (a) GPT-2 124M on engine
     DDP, the HF Trainer with its defaults, the hand loop; (b) the same job on DeepSpeed ZeRO-2/3 and
-    ColossalAI low-level ZeRO-2 (+ fsdp and LoRA rows once they exist); (c) GPT-2-XL on DDP (MFU);
-    (d) `engine estimate` against every peak so far; then Gemini: its kernel build on its own, the
-    Gemini row of (b), its estimate. Gemini comes last because its build takes minutes and measures
-    nothing: a call cut short then loses only Gemini."""
+    ColossalAI low-level ZeRO-2 (+ an fsdp row once the registry has it); (c) GPT-2-XL on DDP (MFU);
+    (d) `engine estimate` against every peak."""
     small, xl = (CPU_SMALL, CPU_XL) if a.cpu else (HEADLINE_SMALL, HEADLINE_XL)
     extras, extra_notes = extra_rows() if extras is None else (extras, [])
     init = InitWeights(small.model, a.work / "headline" / f"init-{small.model}")
@@ -439,11 +434,9 @@ def headline_part(a, extras: list[tuple[str, str, bool]] | None = None) -> Part:
           make_row("b", "colossal:low_level_zero (zero2)", "colossal:zero2" + same, small, compare=True),
           *[make_row("b", name, spec + same, small, compare=cmp) for name, spec, cmp in extras]]
     c = [make_row("c", "engine ddp", "ddp", xl)]
-    gemini = [make_row("b", "colossal:gemini", "colossal:gemini" + same, small, compare=True, on_cpu=False)]
     p = Part("headline", "bench", small.precision)
     p.steps = [init, make_bench("headline", "gpt2", small, ab, a, 150), make_bench("headline", "gpt2-xl", xl, c, a, 240),
-               EstimateStep(), build_step("colossalai-kernels"), make_bench("headline", "gemini", small, gemini, a, 150),
-               EstimateStep(est_s=0)]  # gpt2's estimate is cached by then
+               EstimateStep()]
     p.sections = {"a": f"a. {small.describe()}: engine DDP, the HF Trainer (its own defaults), the hand-written loop",
                   "b": f"b. the same job on the other backends; losses per step vs engine ddp (tol "
                        f"{CROSS_TOL[small.precision]:g} relative)",
@@ -453,8 +446,8 @@ def headline_part(a, extras: list[tuple[str, str, bool]] | None = None) -> Part:
     p.notes = ["Rows are written to headline.jsonl (and headline.md rewritten) the moment each run ends.",
                "Dropout is off in every row (model.config.*_pdrop=0.0, baselines included), so backends differ "
                "only by their arithmetic.",
-               "Gemini runs last, after its ColossalAI kernels are built on their own (timed): the build "
-               "measures nothing, and a call cut short then loses only the Gemini row."]
+               "Gemini (its kernel build takes 90 s) is in the `gemini` part, LoRA in `matrix-gpt2`: measured on "
+               "the H200, the headline with them took 10 minutes, over one call."]
     p.notes += extra_notes
     return p
 
@@ -504,17 +497,23 @@ def bench_part(name: str, a) -> Part:
             specs += ["ddp@train.compile=true", "deepspeed:zero2@train.compile=true"]
             p.notes.append("--compile: adds ddp and deepspeed:zero2 with train.compile=true.")
         rows = [make_row("gpt2", s, s, gpt2, compare=s != "ddp") for s in specs]
+        lora = lora_override()
+        if lora:  # LoRA trains other parameters: its losses are not ddp's, so no closeness check
+            rows.append(make_row("gpt2", "ddp + LoRA", f"ddp@{lora}", gpt2))
         p.steps = [make_bench(name, "gpt2", gpt2, rows, a, 150)]
         p.sections = {"gpt2": gpt2.describe() + ": the gpt2 rows the headline leaves out"}
         p.notes.append("ddp@train.log_every=5 measures what keeping losses on the device between log steps saves "
                        "(the bench logs every step, a host sync per step, like both baselines).")
     elif name == "gemini":
-        neo = large("gpt-neo-2.7B")
-        p.steps = [build_step("colossalai-kernels"),
-                   make_bench(name, "xl", xl, [make_row("xl", "colossal:gemini", "colossal:gemini", xl)], a, 240),
-                   make_bench(name, "neo", neo, [make_row("neo", "colossal:gemini+gc", "colossal:gemini+gc", neo)], a,
-                              300)]
-        p.sections = {"xl": xl.describe(), "neo": neo.describe() + ", gradient checkpointing"}
+        small = HEADLINE_SMALL
+        init = InitWeights(small.model, a.work / name / f"init-{small.model}")
+        same = f"@model.name_or_path={init.out_dir}"
+        rows = [make_row("gpt2", "engine ddp", "ddp" + same, small),
+                make_row("gpt2", "colossal:gemini", "colossal:gemini" + same, small, compare=True)]
+        p.steps = [build_step("colossalai-kernels"), init, make_bench(name, "gpt2", small, rows, a, 150),
+                   make_bench(name, "xl", xl, [make_row("xl", "colossal:gemini", "colossal:gemini", xl)], a, 240)]
+        p.sections = {"gpt2": small.describe() + ": the headline's (b) row for Gemini, losses vs ddp from one init",
+                      "xl": xl.describe()}
     elif name == "offload":
         rows = [make_row("xl", s, s, xl) for s in ["deepspeed:zero2+offload", "deepspeed:zero3+offload"]]
         p.steps = [build_step("deepspeed-cpu-adam"), make_bench(name, "xl", xl, rows, a, 300)]
@@ -522,10 +521,13 @@ def bench_part(name: str, a) -> Part:
     elif name == "largest-neo":
         neo = large("gpt-neo-2.7B")
         rows = [make_row("neo", "ddp+gc", "ddp+gc", neo), make_row("neo", "deepspeed:zero2+gc", "deepspeed:zero2+gc", neo)]
-        p.steps = [make_bench(name, "neo", neo, rows, a, 300)]
+        gemini = [make_row("neo", "colossal:gemini+gc", "colossal:gemini+gc", neo)]
+        # Gemini after its build, after the others: a failed build costs only its row
+        p.steps = [make_bench(name, "neo", neo, rows, a, 300), build_step("colossalai-kernels"),
+                   make_bench(name, "neo-gemini", neo, gemini, a, 300)]
         p.sections = {"neo": neo.describe() + ", gradient checkpointing"}
         p.notes = ["DDP needs ~16 B/param = 43 GB of states + 5 GB autocast copies; ZeRO-2 ~16 B/param too on one GPU "
-                   "(no sharding partner) but 16-bit working weights. Gemini+gc is in the `gemini` part."]
+                   "(no sharding partner) but 16-bit working weights; Gemini places chunks between GPU and host."]
     elif name in ("largest-gptj", "largest-gptj-z2"):
         gptj = large("gpt-j-6B")
         spec = "deepspeed:zero3+offload+gc" if name == "largest-gptj" else "deepspeed:zero2+offload+gc"
@@ -566,12 +568,21 @@ def build(name: str, a) -> Part:
     return bench_part(name, a)
 
 
-def next_part(results_dir: Path, order: list[str] = NEXT_ORDER) -> str | None:
-    """The first part whose <part>.json (written when a part ends, pass or fail) is not in results_dir.
-    A call cut short leaves no <part>.json, so that part comes again; to redo a finished part, run it by
-    name."""
+def gpu_result_dirs(root: Path, slug: str) -> list[Path]:
+    """This device's result folder first, then every other GPU's (folders holding a headline.json, not
+    the CPU rehearsals'): a part done on an H200 is not redone on an H100, since each grant is short."""
+    others = sorted(d for d in root.glob("*") if d.is_dir() and d.name != slug and not d.name.startswith("cpu")
+                    and (d / "headline.json").exists())
+    return [root / slug, *others]
+
+
+def next_part(results_dirs: Path | list[Path], order: list[str] = NEXT_ORDER) -> str | None:
+    """The first part whose <part>.json (written when a part ends, pass or fail) is in none of
+    results_dirs. A call cut short leaves no <part>.json, so that part comes again; to redo a finished
+    part, run it by name."""
+    dirs = [results_dirs] if isinstance(results_dirs, Path) else results_dirs
     for name in order:
-        if not (results_dir / f"{name}.json").exists():
+        if not any((d / f"{name}.json").exists() for d in dirs):
             return name
     return None
 
@@ -1505,12 +1516,13 @@ def main(argv=None) -> int:
         else:
             device = device_info(a.cpu, a.nproc)
             slug = device["slug"]
-        results = Path(a.results) if a.results else REPO / "benchmarks" / "results" / slug
+        results = [Path(a.results)] if a.results else gpu_result_dirs(REPO / "benchmarks" / "results", slug)
+        where = ", ".join(str(r) for r in results)
         pick = next_part(results)
         if pick is None:
-            print(f"next: every part's <part>.json is in {results}: nothing left to run ({', '.join(NEXT_ORDER)})")
+            print(f"next: every part's <part>.json is in {where}: nothing left to run ({', '.join(NEXT_ORDER)})")
             return 0
-        print(f"next: {pick} (the first of {', '.join(NEXT_ORDER)} without {pick}.json in {results})", flush=True)
+        print(f"next: {pick} (the first of {', '.join(NEXT_ORDER)} without {pick}.json in {where})", flush=True)
         a.parts = [pick if x == "next" else x for x in a.parts]
     names = expand(a.parts)
     if a.cpu:
