@@ -147,6 +147,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     stop_at_step: int = 0             # end this session at step N leaving the run resumable (time slots, tests)
+    profile_step: int = 0             # profile optimizer step N (torch.profiler): OUTPUT_DIR/profile/
     save_final: bool = True           # false: no final checkpoint and no model export (benchmarks)
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
 
@@ -441,6 +442,7 @@ def validate(cfg: Config) -> None:
             raise EngineError(f"{name} must be at least 1, got {v}")
     for name, v in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
                     "train.save_every": t.save_every, "train.stop_at_step": t.stop_at_step,
+                    "train.profile_step": t.profile_step,
                     "train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
         if v < 0:
             raise EngineError(f"{name} must not be negative, got {v}")

@@ -25,6 +25,7 @@ from engine.config import Config
 from engine.errors import EngineError
 from engine.metrics import MetricsLog, Progress, format_metrics, log
 from engine.preemption import Preemption, signal_name
+from engine.profiling import profiled_step
 from engine.tasks import Collective, Task, TaskData
 from engine.universal import ModelNames, load_checkpoint
 
@@ -105,13 +106,19 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
               MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), dp_collective(backend))
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
+    if t.profile_step > plan.total_steps and backend.is_main:
+        log(f"warning: train.profile_step={t.profile_step} is after the last step ({plan.total_steps}): nothing is profiled")
 
     window = Window(backend.device, task)
     preemption = Preemption(Path(output_dir))
     last_saved, finished, last_loss = state.step, True, None
     while state.step < plan.total_steps:
         started = time.perf_counter()
-        info = _train_step(run, window)
+        if state.step + 1 == t.profile_step:
+            with profiled_step(t.profile_step, run.output_dir, backend.device, backend.rank, backend.is_main):
+                info = _train_step(run, window)
+        else:
+            info = _train_step(run, window)
         state.step += 1
         state.samples_seen += plan.global_batch
         if state.step % t.log_every == 0 or state.step == plan.total_steps:

@@ -141,7 +141,7 @@ def test_next_picks_the_first_missing_part(driver, tmp_path):
     (res / "headline.md").write_text("")
     assert driver.next_part(res) == "headline"
     (res / "headline.json").write_text("{}")
-    assert driver.next_part(res) == "smoke-bf16"
+    assert driver.next_part(res) == "profile"
     for name in driver.NEXT_ORDER[1:4]:
         (res / f"{name}.json").write_text("{}")
     assert driver.next_part(res) == driver.NEXT_ORDER[4]
@@ -157,7 +157,7 @@ def test_next_skips_parts_another_gpu_finished(driver, tmp_path):
     """A grant is short: a part done on the H200 is not redone on an H100. The CPU rehearsal's folder
     does not count, and a folder without a headline is no GPU proof."""
     (tmp_path / "h200-x1").mkdir()
-    for name in ("headline", "smoke-bf16"):
+    for name in ("headline", "profile", "smoke-bf16"):
         (tmp_path / "h200-x1" / f"{name}.json").write_text("{}")
     (tmp_path / "cpu-1proc").mkdir()
     for name in driver.NEXT_ORDER[:5]:
@@ -173,7 +173,7 @@ def test_next_skips_parts_another_gpu_finished(driver, tmp_path):
 
 @pytest.mark.fast
 def test_next_order_starts_with_the_headline_and_names_known_parts(driver):
-    assert driver.NEXT_ORDER[:3] == ["headline", "smoke-bf16", "smoke-fp16"]
+    assert driver.NEXT_ORDER[:4] == ["headline", "profile", "smoke-bf16", "smoke-fp16"]
     assert set(driver.NEXT_ORDER) <= driver.KNOWN
     assert driver.expand(["all"])[:len(driver.NEXT_ORDER)] == driver.NEXT_ORDER
 
@@ -266,3 +266,23 @@ def test_estimate_is_within_target_of_every_peak_measured_on_the_h200(driver):
                        rows=[m["row"]], lora_trainable=lora)
         error = e.total_full / 2**20 / m["gpu_alloc_mb"] - 1
         assert abs(error) <= driver.ESTIMATE_TARGET, (m["label"], m["row"], f"{error:+.1%}")
+
+
+@pytest.mark.fast
+def test_profile_part_profiles_a_measured_step_and_brings_the_tables_back(driver, tmp_path):
+    p = driver.build("profile", args(tmp_path))
+    specs = [r.spec.split("@model.config")[0] for b in p.benches for r in b.rows]
+    assert specs == ["ddp@train.profile_step=5", "deepspeed:zero3@train.profile_step=5", "ddp@train.compile=true",
+                     "ddp@train.profile_step=5"]
+    assert driver.PROFILE_STEP > driver.HEADLINE_SMALL.warmup  # a measured step, not a warm-up one
+    # rank 0's summary of each run (not the traces, which also end in .json), named by its run directory
+    folder = tmp_path / "runs" / "gpt2" / "20261127T000000Z" / "gpt2__ddp-x" / "run" / "profile"
+    folder.mkdir(parents=True)
+    summary = {"step": 5, "wall_s": 0.2, "device": "cuda:0", "time": "device", "total_self_ms": 150.0,
+               "ops": [{"name": "aten::mm", "self_ms": 90.0, "share": 0.6, "calls": 100}]}
+    (folder / "step-5.json").write_text(json.dumps(summary))
+    (folder / "step-5-rank0.trace.json").write_text('{"traceEvents": []}')
+    [got] = driver.collect_profiles(tmp_path / "runs")
+    assert got["run"] == "gpt2__ddp-x" and got["ops"][0]["name"] == "aten::mm"
+    md = "\n".join(driver.profiles_md([got]))
+    assert "### profile: gpt2__ddp-x, step 5 (200 ms" in md and "| `aten::mm` | 90.00 | 60.0% | 100 |" in md

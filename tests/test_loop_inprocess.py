@@ -147,3 +147,25 @@ def test_the_model_output_is_gone_before_backward(tiny_gpt2, name):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.fast
+def test_profile_step_writes_what_one_step_spends_its_time_on(tiny_gpt2, tmp_path, capsys):
+    """train.profile_step=2: step 2 profiled (the trace, the operator table, the JSON summary), the
+    other steps not; the matmuls are among the operators and the shares add up to at most 1."""
+    import json
+    run(job(tiny_gpt2, tmp_path / "run", "train.max_steps=3", "train.profile_step=2"))
+    folder = tmp_path / "run" / "profile"
+    assert sorted(f.name for f in folder.iterdir()) == ["step-2-rank0.trace.json", "step-2.json", "step-2.txt"]
+    summary = json.loads((folder / "step-2.json").read_text())
+    names = [op["name"] for op in summary["ops"]]
+    assert summary["step"] == 2 and summary["time"] == "CPU" and summary["wall_s"] > 0
+    assert {"aten::addmm", "aten::mm"} <= set(names)
+    assert all(0 < op["share"] <= 1 for op in summary["ops"]) and sum(op["share"] for op in summary["ops"]) <= 1 + 1e-9
+    assert [op["self_ms"] for op in summary["ops"]] == sorted((op["self_ms"] for op in summary["ops"]), reverse=True)
+    assert "aten::addmm" in (folder / "step-2.txt").read_text()
+    assert json.loads((folder / "step-2-rank0.trace.json").read_text())["traceEvents"]
+    assert "profile of step 2" in capsys.readouterr().err
+    run(job(tiny_gpt2, tmp_path / "late", "train.max_steps=2", "train.profile_step=5"))
+    assert not (tmp_path / "late" / "profile").exists()
+    assert "train.profile_step=5 is after the last step (2)" in capsys.readouterr().err

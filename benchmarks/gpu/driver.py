@@ -140,11 +140,11 @@ CPU_VARIANTS = ["ddp", "deepspeed:zero0", "deepspeed:zero2"]  # what runs on CPU
 NEGATIVE = "ddp:lr-x2 (negative control)"
 
 # `next` runs the first of these whose <part>.json is not in benchmarks/results/<slug>/ yet
-NEXT_ORDER = ["headline", "smoke-bf16", "smoke-fp16", "matrix-xl-1", "matrix-xl-2", "largest-neo", "largest-gptj",
+NEXT_ORDER = ["headline", "profile", "smoke-bf16", "smoke-fp16", "matrix-xl-1", "matrix-xl-2", "largest-neo", "largest-gptj",
               "offload", "gemini", "matrix-gpt2", "largest-gptj-z2"]
 GROUPS = {"smoke": ["smoke-bf16", "smoke-fp16"], "matrix": ["matrix-xl-1", "matrix-xl-2", "matrix-gpt2"],
           "largest": ["largest-neo", "largest-gptj", "largest-gptj-z2"], "all": NEXT_ORDER + ["estimate"]}
-KNOWN = set(NEXT_ORDER) | {"smoke-fp32", "estimate", "parity-gpt2"}
+KNOWN = set(NEXT_ORDER) | {"smoke-fp32", "estimate", "parity-gpt2", "profile"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,6 +472,56 @@ def parity_part(a) -> Part:
     return p
 
 
+PROFILE_STEP = 5  # the second measured step: after the 3 warm-up steps and one more
+
+
+def profile_part(a) -> Part:
+    """Where a step's time goes where the headline missed its targets (issue: 1.2x the HF Trainer,
+    40% MFU on GPT-2-XL): `train.profile_step` on engine ddp at the headline's two sizes and on
+    DeepSpeed ZeRO-3 (0.61x ddp there), and ddp with torch.compile. The operator tables come back in
+    the part's Markdown, rank 0's tables and summaries in its tarball (the traces stay: MBs each)."""
+    small, xl = (CPU_SMALL, CPU_XL) if a.cpu else (HEADLINE_SMALL, HEADLINE_XL)
+    step = f"@train.profile_step={PROFILE_STEP if not a.cpu else small.warmup + 1}"
+    rows = [make_row("gpt2", "engine ddp (profiled)", "ddp" + step, small),
+            make_row("gpt2", "deepspeed:zero3 (profiled)", "deepspeed:zero3" + step, small),
+            make_row("gpt2", "engine ddp + torch.compile", "ddp@train.compile=true", small)]
+    p = Part("profile", "bench", small.precision)
+    p.steps = [make_bench("profile", "gpt2", small, rows, a, 150),
+               make_bench("profile", "gpt2-xl", xl, [make_row("xl", "engine ddp (profiled)", "ddp" + step, xl)], a, 240)]
+    p.sections = {"gpt2": small.describe(), "xl": xl.describe()}
+    p.notes = [f"Step {PROFILE_STEP} of each run under torch.profiler (`train.profile_step`): its tokens/s is "
+               "slowed by the profiler, the other measured steps are not; the operator tables are below.",
+               "engine ddp + torch.compile (not profiled): what compiling the model gives against the headline's "
+               "1.06x the HF Trainer (its compile happens in the warm-up steps)."]
+    return p
+
+
+def collect_profiles(runs_dir: Path) -> list[dict]:
+    """Rank 0's `profile/step-N.json` of every run under runs_dir (the bench's run directories)."""
+    out = []
+    for f in sorted(runs_dir.glob("**/profile/step-*.json")):
+        if f.name.endswith(".trace.json"):
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except ValueError:
+            continue
+        run = next(part for part in reversed(f.parts[:-2]) if part != "run")  # the bench's run directory
+        out.append({"run": run, "table": str(f.with_suffix(".txt")), **d})
+    return out
+
+
+def profiles_md(profiles: list[dict]) -> list[str]:
+    lines = []
+    for pr in profiles:
+        lines += [f"### profile: {pr['run']}, step {pr['step']} ({pr['wall_s'] * 1000:.0f} ms with the profiler; "
+                  f"{pr['total_self_ms']:.0f} ms of {pr['time']} time)", "",
+                  "| operator | self ms | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{op['name'][:80]}` | {op['self_ms']:.2f} | {op['share']:.1%} | {op['calls']} |" for op in pr["ops"][:15]]
+        lines.append("")
+    return lines
+
+
 def bench_part(name: str, a) -> Part:
     p = Part(name, "bench")
     gpt2 = Size("gpt2", 1024, 16, 5, 10)       # 5 + 10: the log_every=5 row's windows hold measured steps only
@@ -565,6 +615,8 @@ def build(name: str, a) -> Part:
         return headline_part(a)
     if name == "parity-gpt2":
         return parity_part(a)
+    if name == "profile":
+        return profile_part(a)
     return bench_part(name, a)
 
 
@@ -1349,7 +1401,7 @@ def fmt_checks(checks: list[dict]) -> list[str]:
 def render_md(d: dict, part: Part | None = None) -> str:
     if d["kind"] == "bench" and part is not None:
         return rows_md(part, d["rows"], d["device"], d["started"], d["wall_s"], final=d) + "\n" + "\n".join(
-            ["Checks:", ""] + fmt_checks(d["checks"]) + [""])
+            profiles_md(d.get("profiles", [])) + ["Checks:", ""] + fmt_checks(d["checks"]) + [""])
     lines = [f"## {d['part']}", "", f"{d['started']} on {d['device'].get('gpu_name') or 'CPU'} "
              f"({d['device']['slug']}), {d['wall_s']:.0f} s, "
              f"{'PASS' if d['pass'] else 'FAIL'} ({sum(c['pass'] for c in d['checks'])}/{len(d['checks'])} checks)", ""]
@@ -1528,7 +1580,7 @@ def main(argv=None) -> int:
     if a.cpu:
         names = ["smoke-fp32" if n.startswith("smoke") else n for n in names]
         names = [n for i, n in enumerate(names) if n not in names[:i]]
-        bad = [n for n in names if n not in ("smoke-fp32", "headline", "parity-gpt2", "estimate")]
+        bad = [n for n in names if n not in ("smoke-fp32", "headline", "parity-gpt2", "profile", "estimate")]
         if bad:
             print(f"--cpu runs the smoke and headline parts only (fp32, tiny models); not: {', '.join(bad)}")
             return 2
@@ -1576,6 +1628,7 @@ def main(argv=None) -> int:
             body["rows"] = log.rows
         elif p.kind == "bench":
             body = run_bench_part(p, a, deadline, log)
+            body["profiles"] = collect_profiles(a.work / p.name / "runs")
         else:
             body = run_estimate(a, slug_dir)
         d = {"part": p.name, "kind": p.kind, "started": started, "wall_s": time.time() - t0, "device": device,
@@ -1594,6 +1647,9 @@ def main(argv=None) -> int:
         if p.benches and p.benches[0].results_dir.exists():
             with tarfile.open(slug_dir / f"{p.name}-bench.tar.gz", "w:gz") as tf:
                 tf.add(p.benches[0].results_dir, arcname=f"{p.name}-bench")
+                for pr in d.get("profiles", []):  # rank 0's table and summary (traces stay: MBs each on a GPU)
+                    for f in (Path(pr["table"]), Path(pr["table"]).with_suffix(".json")):
+                        tf.add(f, arcname=f"{p.name}-bench/profile/{pr['run']}/{f.name}")
         write_index(slug_dir)
         for c in d["checks"]:
             if not c["pass"] or c.get("info"):
