@@ -57,6 +57,7 @@ class TrainingSpec:
     scheduler_name: str     # transformers SchedulerType name (steps come with setup())
     compile: bool = False   # torch.compile the model where the backend allows it
     lora: bool = False      # the model is a PEFT LoRA model: only its adapters train
+    quantized_base: bool = False  # QLoRA: the frozen base is 4-bit bitsandbytes layers
 
 
 @dataclass
@@ -280,6 +281,9 @@ class Backend(ABC):
     # -- bench specs and memory-estimate rows (read by `engine bench` and `engine estimate`) ------
     # A backend describes itself here so that the bench and the estimator never name a backend.
     bench_spec_help: str = ""   # the bench spec forms, for error messages, e.g. "NAME:zeroN[+offload]"
+    # QLoRA's 4-bit base (bitsandbytes Params4bit: packed uint8 data + quantization state) trains here;
+    # sharding backends flatten or partition parameters, which such tensors do not survive
+    quantized_base: bool = False
     bench_defaults: tuple[str, ...] = ()  # the specs `engine bench` runs when --backends is not given
 
     @classmethod

@@ -10,7 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            UniversalState, loss_and_logits, moments_by_index, register_backend)
-from backends.files import check_safetensors, files_problem
+from backends.errors import EngineError
+from backends.files import QUANT_STATE, check_safetensors, files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import AmpPrecision
 
@@ -74,7 +75,14 @@ class DDPBackend(Backend):
 
     def load_state(self, directory: Path) -> None:
         from safetensors.torch import load_model
-        load_model(self.module, str(directory / WEIGHTS), device=str(self.device))
+        # a 4-bit base (QLoRA) saves its quantization state beside each weight; the module rebuilt it
+        # from the same pretrained weights, so those keys are the only ones it may not take
+        missing, unexpected = load_model(self.module, str(directory / WEIGHTS), device=str(self.device),
+                                         strict=not self.spec.quantized_base)
+        unexpected = [k for k in unexpected if not QUANT_STATE.search(k)]
+        if missing or unexpected:
+            raise EngineError(f"checkpoint {directory.name}: {WEIGHTS} does not fit the model: missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}")
         load = lambda name: torch.load(directory / name, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(load("optimizer.pt"))
         self.scheduler.load_state_dict(load("scheduler.pt"))
@@ -126,6 +134,7 @@ class DDPBackend(Backend):
 
     # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
     bench_spec_help = "ddp"
+    quantized_base = True  # replicas of the whole module: bitsandbytes' 4-bit layers stay as they are
     bench_defaults = ("ddp",)
 
     @classmethod

@@ -3,9 +3,14 @@ sharded folders), reading headers and directories only, never the tensors. Share
 backends' checkpoint verbs and the engine's check of a model folder before any process starts."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from backends.errors import EngineError
+
+# bitsandbytes' 4-bit weights (QLoRA's base) are stored packed, two values a byte, with their
+# quantization state beside them under these suffixes of the weight's name
+QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")
 
 # bytes per element of the safetensors dtypes (a dtype not listed is not size-checked)
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,

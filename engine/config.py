@@ -23,6 +23,7 @@ TASKS = ("causal_lm", "classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")  # backends.optim
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+QUANTIZE_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types (QLoRA: nf4)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
 BUILTIN_SAMPLE = "builtin:sample"  # the project's own generated corpus and tokenizer
@@ -89,6 +90,7 @@ class LoraConfig:
     target_modules: list[str] | None = None  # None: PEFT's default for the model family (GPT-2: c_attn; Llama: q_proj, v_proj)
     modules_to_save: list[str] | None = None  # trained fully besides the adapters; None: the classification head
     merge: bool = False               # also write OUTPUT_DIR/model-merged: base + adapters merged, a plain HF folder
+    quantize: str | None = None       # QLoRA: "nf4" or "fp4", the frozen pretrained base in 4 bits (bitsandbytes)
 
 
 @dataclass
@@ -200,7 +202,8 @@ class Config:
                             grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                             optimizer=OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps,
                                                     t.adamw_impl),
-                            scheduler_name=t.scheduler, compile=t.compile, lora=self.model.lora is not None)
+                            scheduler_name=t.scheduler, compile=t.compile, lora=self.model.lora is not None,
+                            quantized_base=self.model.lora is not None and self.model.lora.quantize is not None)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -434,6 +437,11 @@ def validate(cfg: Config) -> None:
                               f"alpha={lora.alpha}")
         if not 0 <= lora.dropout < 1:
             raise EngineError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if lora.quantize is not None:
+            _choice(lora.quantize, QUANTIZE_TYPES, "model.lora.quantize")
+            if not cfg.model.name_or_path:
+                raise EngineError("model.lora.quantize (QLoRA) quantizes a pretrained base: set model.name_or_path "
+                                  "(a model built from model.config has nothing worth freezing in 4 bits)")
     positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
                 "data.block_size": d.block_size, "train.log_every": t.log_every,
                 "train.keep_last": t.keep_last}

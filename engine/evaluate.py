@@ -210,12 +210,8 @@ def _load(cfg, conf, auto_class, source: Source) -> torch.nn.Module:
     """The model SOURCE names: a checkpoint of any backend, an adapter over its base, or a model folder."""
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     if source.checkpoint is not None:  # any backend's: the one that wrote it reads its full weights
-        from engine.export import load_checkpoint_weights
-        model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                                       **extra)
-        if cfg.model.lora is not None:  # a LoRA run's checkpoint: base and adapters by PEFT's names
-            from engine.modeling import with_lora
-            model = with_lora(model, cfg)
+        from engine.export import checkpoint_model, load_checkpoint_weights
+        model = checkpoint_model(cfg, conf, auto_class, **extra)
         load_checkpoint_weights(model, source.checkpoint, "the run's model config")
         return model
     if source.adapter is not None:

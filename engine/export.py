@@ -19,6 +19,7 @@ Also here: the resume path's check that a checkpoint belongs to the model being 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from backends.files import QUANT_STATE
 from engine.checkpoint import STATE_FILE, checkpoint_reader
 from engine.errors import EngineError
 
@@ -70,10 +72,16 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")  # old GPT-2 checkpoints carry th
 
 def first_difference(ckpt: dict[str, tuple], model: dict[str, tuple], tied: list[set[str]] = ()) -> str | None:
     """One phrase naming the first parameter (in the model's order) whose shape differs, that the
-    checkpoint lacks, or that only the checkpoint has; None when they agree."""
+    checkpoint lacks, or that only the checkpoint has; None when they agree. A 4-bit weight (its
+    quantization state beside it) holds the model's element count in half as many bytes."""
     alias = {name: group for group in tied for name in group}
+    packed = {QUANT_STATE.sub("", k) for k in ckpt if QUANT_STATE.search(k)}
     for name, shape in model.items():
-        if name in ckpt:
+        if name in packed:
+            if 2 * math.prod(ckpt[name]) != math.prod(shape):
+                return (f"parameter {name} has {2 * math.prod(ckpt[name])} 4-bit values in the checkpoint but "
+                        f"{list(shape)} in the model")
+        elif name in ckpt:
             if tuple(ckpt[name]) != tuple(shape):
                 return (f"parameter {name} has shape {list(ckpt[name])} in the checkpoint but "
                         f"{list(shape)} in the model")
@@ -85,7 +93,7 @@ def first_difference(ckpt: dict[str, tuple], model: dict[str, tuple], tied: list
                 return (f"parameter {name} (stored as {stored}) has shape {list(ckpt[stored])} in the checkpoint "
                         f"but {list(shape)} in the model")
     for name in ckpt:
-        if name not in model and not name.endswith(_BUFFERS):
+        if name not in model and not name.endswith(_BUFFERS) and not QUANT_STATE.search(name):
             return f"the checkpoint has parameter {name} {list(ckpt[name])}, which the model does not"
     return None
 
@@ -143,6 +151,25 @@ def _num_labels(cfg, shapes: dict | None) -> int | None:
                       "glue_task or score weight)")
 
 
+def checkpoint_model(cfg, conf, auto_class, **extra) -> torch.nn.Module:
+    """The whole fp32 model a run's checkpoint loads into (load_checkpoint_weights): built from the
+    config, every weight then comes from the checkpoint; for LoRA, PEFT-wrapped as the run was. A
+    QLoRA run's checkpoint holds its base in 4 bits: the adapters go onto the pretrained base they
+    were trained over, loaded in full precision (as QLoRA merges them)."""
+    torch.manual_seed(0)
+    quantized = cfg.model.lora is not None and cfg.model.lora.quantize
+    if quantized:
+        model = auto_class.from_pretrained(cfg.model.name_or_path, config=conf, dtype=torch.float32,
+                                           trust_remote_code=cfg.model.trust_remote_code, **extra)
+    else:
+        model = auto_class.from_config(conf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                                       **extra)
+    if cfg.model.lora is not None:  # base and adapters by PEFT's names
+        from engine.modeling import with_lora
+        model = with_lora(model, cfg, quiet=True)
+    return model
+
+
 def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path,
                             model_desc: str = "the run's model") -> tuple[str, list[str]]:
     """Load a checkpoint of any backend into a whole fp32 model, strictly: the backend that wrote it
@@ -153,15 +180,20 @@ def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path,
     reader, layout = checkpoint_reader(step_dir)
     names = ModelNames.of(model)
     state, source = reader.read_weights(step_dir, layout, names.order, names.aliases)
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    # 4-bit weights (QLoRA's base, quantization state beside them) stay out: the model holds them
+    # in full precision already (checkpoint_model); the shape check still sees their element count
+    packed = {QUANT_STATE.sub("", k) for k in state if QUANT_STATE.search(k)}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()
+             if k not in packed and not QUANT_STATE.search(k)}
     trimmed = _trim_vocab_padding(state, model)
     _fill_tied(state, model)
-    diff = first_difference({k: tuple(v.shape) for k, v in state.items()}, *model_param_shapes(model))
+    diff = first_difference({**shapes, **{k: tuple(v.shape) for k, v in state.items()}}, *model_param_shapes(model))
     if diff:
         raise EngineError(f"checkpoint {step_dir} does not fit {model_desc}: {diff}")
     state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = [k for k in missing if not k.endswith("lm_head.weight") and k not in packed]
     if missing or unexpected:
         raise EngineError(f"checkpoint {step_dir} does not fit {model_desc}: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
@@ -199,12 +231,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merged: b
     conf = load_model_config(cfg, tokenizer, _num_labels(cfg, shapes))
     if hasattr(conf, "use_cache"):
         conf.use_cache = True  # training turned the KV cache off; generation wants it
-    torch.manual_seed(0)
-    model = task.auto_model_class().from_config(conf, dtype=torch.float32,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.lora is not None:
-        from engine.modeling import with_lora
-        model = with_lora(model, cfg)
+    model = checkpoint_model(cfg, conf, task.auto_model_class())
     source, trimmed = load_checkpoint_weights(model, step_dir, f"the run's model ({run_dir / 'config.yaml'})")
     if cfg.model.lora is not None and merged:
         model, source = model.merge_and_unload(), source + "; LoRA adapters merged"

@@ -150,6 +150,8 @@ def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module
     extra = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     if head_mismatch(cfg, conf):
         extra["ignore_mismatched_sizes"] = True
+    if cfg.model.lora is not None and cfg.model.lora.quantize:
+        extra["quantization_config"] = quantization_config(cfg)
 
     def build() -> torch.nn.Module:
         torch.manual_seed(cfg.train.seed)  # identical random init on every rank and backend
@@ -177,6 +179,16 @@ def model_builder(cfg: Config, conf, auto_class) -> Callable[[], torch.nn.Module
     return build
 
 
+def quantization_config(cfg: Config):
+    """QLoRA's frozen base: bitsandbytes 4-bit weights (model.lora.quantize: nf4 or fp4, with double
+    quantization of the scales, as the QLoRA paper does), computing in the run's precision. Only the
+    matmul weights are quantized; embeddings, norms and the head stay as loaded (fp32)."""
+    from transformers import BitsAndBytesConfig
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.lora.quantize,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
 def with_lora(model: torch.nn.Module, cfg: Config, quiet: bool = False) -> torch.nn.Module:
     """The model as a PEFT LoRA model: adapters on `target_modules` (PEFT's per-family default when
     unset), the classification head trained fully (PEFT's SEQ_CLS default) or `modules_to_save`;
@@ -200,6 +212,7 @@ def with_lora(model: torch.nn.Module, cfg: Config, quiet: bool = False) -> torch
         trainable = sum(size(p) for p in peft_model.parameters() if p.requires_grad)
         total = sum(size(p) for p in peft_model.parameters())
         targets = sorted(peft_model.peft_config["default"].target_modules)
+        base = f", the base in 4 bits ({lora.quantize}, QLoRA)" if lora.quantize else ""
         log(f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
-            f"train ({100 * trainable / total:.2f}%)")
+            f"train ({100 * trainable / total:.2f}%){base}")
     return peft_model

@@ -22,6 +22,7 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
 
     warn_once.install()  # the launcher reads data and models too: library warnings once
     cfg = load_config(config, overrides, backend=backend)
+    check_quantized_base(cfg)
     notes = backend_class(cfg.backend.name).preflight(cfg.training_spec(), cfg.backend_options(),
                                                       world_size)  # before spawning
     if cfg.output_dir is None:
@@ -46,6 +47,24 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     said = {"resume": ["resuming run in " + cfg.output_dir],
             "continue": ["continuing finished run in " + cfg.output_dir]}.get(mode, [])
     return cfg, [*said, *(notes or ())]
+
+
+def check_quantized_base(cfg) -> None:
+    """QLoRA (model.lora.quantize) only where the backend keeps bitsandbytes' 4-bit layers (the
+    backend says: Backend.quantized_base), and only with bitsandbytes installed."""
+    import importlib.util
+
+    from backends.base import backend_class, backend_names
+    from engine.errors import EngineError
+    if not cfg.training_spec().quantized_base:
+        return
+    if not backend_class(cfg.backend.name).quantized_base:
+        able = [n for n in backend_names() if backend_class(n).quantized_base]
+        raise EngineError(f"model.lora.quantize={cfg.model.lora.quantize} (QLoRA) is not supported by the "
+                          f"{cfg.backend.name} backend: its sharded parameters do not keep bitsandbytes' 4-bit "
+                          f"layers; use --backend {' or '.join(able)}, or LoRA without model.lora.quantize")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EngineError("model.lora.quantize (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
 def _checkpoint_space_warning(cfg, conf, task) -> str | None:

@@ -7,6 +7,8 @@ same torch AdamW update order: for_loop), and the trained adapters must be the s
 (1e-5): ZeRO-3 gathers them before PEFT saves (DeepSpeed #4295 / PEFT #1443 saw adapters saved
 nearly empty). A resumed ZeRO-3 LoRA run continues exactly; the adapter folder loads over its base
 with PEFT, the merged folder in plain transformers; `engine export` and `engine eval` take both.
+QLoRA (`model.lora.quantize=nf4`, bitsandbytes' CPU backend) trains the same adapters over the base
+in 4 bits on DDP, resumes exactly, and exports onto the full-precision base; elsewhere it is refused.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from click.testing import CliRunner
 
 from drivers.run_many import scenario_log
 from engine.config import load_config
-from helpers import MRPC, SHAKESPEARE, losses, metrics
+from helpers import MRPC, SHAKESPEARE, losses, metrics, tiny_gpt2_dir
 from launch.cli import main
 
 STEPS = 4
@@ -68,6 +70,13 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     resumed = root / "clm-zero3-resumed"  # stopped at step 2 (its checkpoint), relaunched to the end
     out += [_config("clm", model, resumed, "zero3", *zero3, "train.stop_at_step=2"),
             _config("clm", model, resumed, "zero3", *zero3)]
+    # bitsandbytes' CPU kernels take 4-bit weights in blocks of 64 inputs: a 64-wide model, with
+    # LoRA over its fp32 base as the reference
+    wide, qlora = tiny_gpt2_dir(root, n_embd=64), ["model.lora.quantize=nf4", "model.lora.merge=true"]
+    out += [_config("clm", wide, root / "clm-lora64", "ddp"),
+            _config("clm", wide, root / "clm-qlora", "ddp", *qlora),
+            _config("clm", wide, root / "clm-qlora-resumed", "ddp", *qlora, "train.stop_at_step=2"),
+            _config("clm", wide, root / "clm-qlora-resumed", "ddp", *qlora)]
     return out
 
 
@@ -181,3 +190,66 @@ def test_lora_options_are_validated(tiny_gpt2):
         load_config(None, [*_task("clm", tiny_gpt2), "model.lora.dropout=1.5"])
     with pytest.raises(EngineError, match="unknown config key 'model.lora.rank'"):
         load_config(None, [*_task("clm", tiny_gpt2), "model.lora.rank=8"])
+
+
+def test_qlora_trains_the_adapters_over_a_4bit_base_and_resumes_exactly(job):
+    """The base's matmul weights are bitsandbytes NF4 in the checkpoint (packed, with their
+    quantization state), so the losses differ from LoRA over the fp32 base, by the 4-bit rounding
+    only; the same parameters train; a run stopped at step 2 and relaunched gives the same losses."""
+    from safetensors import safe_open
+    root, log = job
+    qlora, lora = losses(root / "clm-qlora"), losses(root / "clm-lora64")
+    assert len(qlora) == STEPS and qlora != lora
+    assert max(abs(a - b) / b for a, b in zip(qlora, lora)) < 0.02
+    assert losses(root / "clm-qlora-resumed") == qlora
+    assert any("resumed from step-2" in ln for ln in scenario_log(log, root / "clm-qlora-resumed")[-1])
+    (lines,) = scenario_log(log, root / "clm-qlora")
+    assert any("the base in 4 bits (nf4, QLoRA)" in ln for ln in lines), lines[-20:]
+    weights = root / "clm-qlora" / "checkpoints" / f"step-{STEPS}" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        packed = f.get_slice("base_model.model.transformer.h.0.attn.c_attn.base_layer.weight")
+        assert packed.get_dtype() == "U8" and packed.get_shape() == [64 * 192 // 2, 1]
+    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in keys)
+    full = root / "clm-lora64" / "checkpoints" / f"step-{STEPS}" / "model.safetensors"
+    assert weights.stat().st_size < full.stat().st_size
+    assert _adapter(root / "clm-qlora" / "model").keys() == _adapter(root / "clm-lora64" / "model").keys()
+
+
+def test_a_qlora_checkpoint_exports_and_evaluates_over_the_full_precision_base(job, tmp_path):
+    """`engine export` of a QLoRA checkpoint: its adapters (the run's own, exactly) for the
+    pretrained base, or --merged into that base in full precision, as the run's model-merged is;
+    `engine eval` of the checkpoint scores the adapters over that base."""
+    from transformers import AutoModelForCausalLM
+    root, _ = job
+    run, step = root / "clm-qlora", root / "clm-qlora" / "checkpoints" / f"step-{STEPS}"
+    cli = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    result = cli("export", step, tmp_path / "adapter")
+    assert result.exit_code == 0 and "LoRA adapters" in result.output, result.output
+    ours, ref = _adapter(tmp_path / "adapter"), _adapter(run / "model")
+    assert ours.keys() == ref.keys() and all(ours[k].equal(ref[k]) for k in ref)
+    assert cli("export", step, tmp_path / "merged", "--merged").exit_code == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "model-merged").eval()
+    assert (_logits(exported, 50257) - _logits(merged, 50257)).abs().max().item() <= 1e-6
+    result = cli("eval", step, "--gpus", "0", "--output", tmp_path / "ckpt.json")
+    assert result.exit_code == 0, result.output
+    got, logged = json.loads((tmp_path / "ckpt.json").read_text())["metrics"], metrics(run, "eval")[-1]
+    # the run evaluated over its 4-bit base, the checkpoint's eval over the full-precision one
+    assert got["eval_loss"] == pytest.approx(logged["eval_loss"], rel=0.02) and got["eval_loss"] != logged["eval_loss"]
+
+@pytest.mark.fast
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp", "colossal"])
+def test_qlora_where_the_backend_cannot_is_refused_in_one_line(tiny_gpt2, backend):
+    from engine.errors import EngineError
+    from engine.preflight import check_quantized_base
+    cfg = load_config(None, [*_task("clm", tiny_gpt2), *LORA, "model.lora.quantize=nf4", f"backend.name={backend}"])
+    with pytest.raises(EngineError, match=rf"^model.lora.quantize=nf4 \(QLoRA\) is not supported by the {backend} "
+                                          r"backend: .*; use --backend ddp, or LoRA without model.lora.quantize$"):
+        check_quantized_base(cfg)
+    check_quantized_base(load_config(None, [*_task("clm", tiny_gpt2), *LORA, "model.lora.quantize=nf4"]))  # ddp
+    with pytest.raises(EngineError, match="model.lora.quantize must be one of"):
+        load_config(None, [*_task("clm", tiny_gpt2), *LORA, "model.lora.quantize=int3"])
+    with pytest.raises(EngineError, match=r"^model.lora.quantize \(QLoRA\) quantizes a pretrained base: set "
+                                          "model.name_or_path"):
+        load_config(None, ["task=causal_lm", f"data.train={SHAKESPEARE}", *LORA, "model.lora.quantize=nf4"])
