@@ -30,6 +30,7 @@ import torch
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
                            TrainingSpec, UniversalState, loss_and_logits, moments_by_index, register_backend)
 from backends.files import files_problem, load_torch_file
+from backends.host import stale_build_locks
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -408,7 +409,7 @@ class DeepSpeedBackend(Backend):
         build_ds_config(spec, options, world_size, None)
         if spec.precision != "fp32":  # importing deepspeed costs seconds: only when there is something to ask
             _check_precision(spec.precision)
-        return options.legacy_notes()
+        return options.legacy_notes() + stale_build_locks()  # DeepSpeed JIT-builds its ops (cpu_adam, shm comm)
 
     def __init__(self, spec: TrainingSpec, options: DeepSpeedOptions) -> None:
         super().__init__(spec, options)

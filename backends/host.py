@@ -46,3 +46,27 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
         stats["gpu_alloc_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         stats["gpu_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     return stats
+
+
+STALE_LOCK_S = 600  # no JIT build of an op takes this long here (cpu_adam ~40 s on 2 cores)
+
+
+def stale_build_locks(now: float | None = None) -> list[str]:
+    """Warnings for torch extension build locks older than STALE_LOCK_S. A build that was killed
+    leaves `<op>/lock` in TORCH_EXTENSIONS_DIR, and the next process that needs the op waits on it
+    forever, printing nothing; the lock is not removed here (a build may really be running)."""
+    import time
+    # torch's own default root holds one folder per Python/CUDA build (py311_cpu/<op>), hence two levels
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    now = time.time() if now is None else now
+    notes = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:
+            continue
+        if age > STALE_LOCK_S:
+            notes.append(f"warning: {lock} is {age / 60:.0f} minutes old: a JIT build that was killed leaves it, "
+                         f"and every later run that needs the {lock.parent.name} op waits on it forever; remove "
+                         "it if no build is running")
+    return notes

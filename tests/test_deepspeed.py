@@ -525,3 +525,26 @@ def test_run_clm_recipe_json_runs_unedited_through_the_cli(tiny_gpt2, tmp_path):
     for line in set(log.splitlines()):  # library warnings: at most once per process (launcher + 2 workers)
         if "Warning:" in line:
             assert log.count(line) <= 3, line
+
+
+@pytest.mark.fast
+def test_a_stale_jit_build_lock_is_named_before_launch(tmp_path, monkeypatch):
+    """A DeepSpeed op build that was killed leaves TORCH_EXTENSIONS_DIR/<op>/lock, and the next run
+    needing the op waits on it forever, silently (it happened to this suite twice). The launcher's
+    DeepSpeed preflight names a lock older than 10 minutes; a young one (a build running) is left alone."""
+    import os
+    import time
+
+    from backends.base import OptimizerSpec, TrainingSpec
+    from backends.deepspeed_zero import DeepSpeedBackend, DeepSpeedOptions
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "shm" / "deepspeed_shm_comm").mkdir(parents=True)
+    old, young = tmp_path / "cpu_adam" / "lock", tmp_path / "shm" / "deepspeed_shm_comm" / "lock"
+    old.touch(), young.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    spec = TrainingSpec("causal_lm", "fp32", 2, 1, 1.0, OptimizerSpec(1e-3, 0.0, (0.9, 0.999), 1e-8, "auto"), "linear")
+    notes = DeepSpeedBackend.preflight(spec, DeepSpeedOptions(), 2)
+    stale = [n for n in notes if "lock" in n]
+    assert stale == [f"warning: {old} is 60 minutes old: a JIT build that was killed leaves it, and every later "
+                     "run that needs the cpu_adam op waits on it forever; remove it if no build is running"]
