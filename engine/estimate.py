@@ -180,9 +180,11 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
     seq = seq or arch.context
     P, L, N = counts.total, counts.largest_layer, gpus_per_node * nodes
     half = precision != "fp32"
+    activations = {autocast: activation_bytes(model, seq, micro_batch, precision, autocast=autocast)
+                   for autocast in {row.autocast_copy for row in selected}}  # the model is read once per kind
     out = []
     for row in selected:
-        act_full, act_ckpt = activation_bytes(model, seq, micro_batch, precision, autocast=row.autocast_copy)
+        act_full, act_ckpt = activations[row.autocast_copy]
         if lora_trainable is None:
             p, g, o, buf, host = _states(row, P, L, N, nodes, half)
             source = "formula"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,9 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     last_saved, finished, last_loss = state.step, True, None
     while state.step < plan.total_steps:
         started = time.perf_counter()
-        if state.step + 1 == t.profile_step:
-            with profiled_step(t.profile_step, run.output_dir, backend.device, backend.rank, backend.is_main):
-                info = _train_step(run, window)
-        else:
+        profiling = state.step + 1 == t.profile_step
+        with (profiled_step(t.profile_step, run.output_dir, backend.device, backend.rank, backend.is_main)
+              if profiling else nullcontext()):
             info = _train_step(run, window)
         state.step += 1
         state.samples_seen += plan.global_batch

@@ -145,22 +145,32 @@ def test_the_adapter_folder_loads_over_its_base_and_the_merged_folder_alone(job,
     assert text[0]["generated_text"].startswith("ROMEO:")
 
 
+def _cli(*args):
+    return CliRunner().invoke(main, [str(x) for x in args])
+
+
+def _export_adapter_and_merged(step: Path, run: Path, out: Path) -> float:
+    """`engine export` of a LoRA run's checkpoint to out/adapter and (--merged) out/merged; returns the
+    largest difference between the exported adapters and the run's own (model/)."""
+    result = _cli("export", step, out / "adapter")
+    assert result.exit_code == 0 and "LoRA adapters" in result.output, result.output
+    ours, ref = _adapter(out / "adapter"), _adapter(run / "model")
+    assert ours.keys() == ref.keys()
+    assert _cli("export", step, out / "merged", "--merged").exit_code == 0
+    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
+
+
 def test_export_and_eval_take_a_lora_checkpoint_and_its_adapters(job, tmp_path):
     """`engine export` of a ZeRO-3 LoRA checkpoint gives the run's own adapters (or, --merged, a plain
     folder); `engine eval` of the run (its adapters), of the checkpoint and of the export agree with the
     run's logged eval."""
     root, _ = job
     run, step = root / "cls-zero3", root / "cls-zero3" / "checkpoints" / f"step-{STEPS}"
-    cli = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
-    result = cli("export", step, tmp_path / "adapter")
-    assert result.exit_code == 0 and "LoRA adapters" in result.output, result.output
-    ours, ref = _adapter(tmp_path / "adapter"), _adapter(run / "model")
-    assert ours.keys() == ref.keys() and max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-6
-    assert cli("export", step, tmp_path / "merged", "--merged").exit_code == 0
+    assert _export_adapter_and_merged(step, run, tmp_path) <= 1e-6
     logged = metrics(run, "eval")[-1]
     for name, source in (("run", run), ("checkpoint", step), ("adapter", tmp_path / "adapter"),
                          ("merged", tmp_path / "merged")):
-        result = cli("eval", source, "--gpus", "0", "--output", tmp_path / f"{name}.json",
+        result = _cli("eval", source, "--gpus", "0", "--output", tmp_path / f"{name}.json",
                      *(["--data", MRPC, "--glue-task", "mrpc", "data.max_eval_samples=8", "data.block_size=64"]
                        if name in ("adapter", "merged") else []))
         assert result.exit_code == 0, (name, result.output)
@@ -223,16 +233,11 @@ def test_a_qlora_checkpoint_exports_and_evaluates_over_the_full_precision_base(j
     from transformers import AutoModelForCausalLM
     root, _ = job
     run, step = root / "clm-qlora", root / "clm-qlora" / "checkpoints" / f"step-{STEPS}"
-    cli = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
-    result = cli("export", step, tmp_path / "adapter")
-    assert result.exit_code == 0 and "LoRA adapters" in result.output, result.output
-    ours, ref = _adapter(tmp_path / "adapter"), _adapter(run / "model")
-    assert ours.keys() == ref.keys() and all(ours[k].equal(ref[k]) for k in ref)
-    assert cli("export", step, tmp_path / "merged", "--merged").exit_code == 0
+    assert _export_adapter_and_merged(step, run, tmp_path) == 0.0  # the very tensors
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     merged = AutoModelForCausalLM.from_pretrained(run / "model-merged").eval()
     assert (_logits(exported, 50257) - _logits(merged, 50257)).abs().max().item() <= 1e-6
-    result = cli("eval", step, "--gpus", "0", "--output", tmp_path / "ckpt.json")
+    result = _cli("eval", step, "--gpus", "0", "--output", tmp_path / "ckpt.json")
     assert result.exit_code == 0, result.output
     got, logged = json.loads((tmp_path / "ckpt.json").read_text())["metrics"], metrics(run, "eval")[-1]
     # the run evaluated over its 4-bit base, the checkpoint's eval over the full-precision one
