@@ -62,6 +62,7 @@ def _runs(root: Path) -> dict:
     runs = {(setting, label): root / setting / label for setting in SETTINGS for label, _, _ in VARIANTS}
     runs.update({("resume", label): root / "resume" / label for label in ("zero2", "zero3")})
     runs.update({("seed-json", ""): root / "seed-json", ("bf16", "zero3"): root / "bf16-zero3",
+                 ("bf16", "zero0"): root / "bf16-zero0", ("bf16", "zero1"): root / "bf16-zero1",
                  ("compile", "eager"): root / "compile-eager", ("compile", "compiled"): root / "compile-compiled"})
     return runs
 
@@ -88,6 +89,12 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     cfg = with_backend(base_config("clm", model, runs[("bf16", "zero3")], 0.0, 1), "deepspeed", {"zero_stage": 3})
     cfg["train"]["precision"] = "bf16"
     scenarios.append(cfg)
+    # bf16 under stages 0 and 1: DeepSpeed's two wrappers around the same torch AdamW (clipping on)
+    for stage in (0, 1):
+        cfg = with_backend(base_config("clm", model, runs[("bf16", f"zero{stage}")], CLIP, 1), "deepspeed",
+                           {"zero_stage": stage})
+        cfg["train"]["precision"] = "bf16"
+        scenarios.append(cfg)
     # torch.compile through DeepSpeed's own engine.compile() (ZeRO-2), and the same run eager
     for label in ("eager", "compiled"):
         cfg = with_backend(base_config("clm", model, runs[("compile", label)], 0.0, 1), "deepspeed", {"zero_stage": 2})
@@ -257,6 +264,17 @@ def test_bf16_zero3_trains_and_exports(job):
     assert len(values) == STEPS and values == pytest.approx(fp32, abs=0.05)  # bf16 rounding, same run
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert next(model.parameters()).dtype == torch.bfloat16  # the weights it computed with
+
+
+def test_bf16_zero0_updates_as_zero1(job):
+    """Stage 0 under bf16 (DeepSpeed's FP16_UnfusedOptimizer) and stage 1 (its ZeRO optimizer) hold the
+    same bf16 weights and fp32 masters and step the same torch AdamW: the same losses. DeepSpeed's
+    unfused wrapper takes a zero-gradient AdamW step to create the state, so without the backend's
+    undo every update has the next step's bias correction: 6.9e-4 apart at step 3 here (5e-7 with it),
+    25% by step 20 on the H200 smoke (benchmarks/results/h200-x1/smoke-bf16.md)."""
+    zero0, zero1 = (losses(job["runs"][("bf16", f"zero{s}")]) for s in (0, 1))
+    assert len(zero0) == STEPS
+    assert zero0 == pytest.approx(zero1, rel=2e-5)
 
 
 def test_seed_style_json_with_auto_runs(job):

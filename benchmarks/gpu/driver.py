@@ -195,14 +195,24 @@ class Build:           # a JIT build done on its own (build_kernels.py); its com
 
 @dataclass
 class InitWeights:     # one random init from config, saved: the rows that compare losses start from it
-    model: str             # the bench's model preset
+    model: str             # the bench's model preset, or what the smoke parts' `overrides` build
     out_dir: Path
     est_s: int = EST_INIT
+    overrides: list[str] | None = None  # smoke: the engine config (model.config.*, tokenizer) to build
 
     def argv(self) -> list[str]:
         # as the engine (seed 0, train.seed) and the baselines build it from config, dropout off; loaded
         # by every engine row, because DeepSpeed ZeRO-3 builds from config inside zero.Init, where
-        # transformers initialises the partitioned weights differently (measured: another step-1 loss)
+        # transformers initialises the partitioned weights on the GPU (measured: another step-1 loss)
+        if self.overrides is not None:  # the model `engine launch` would build from these overrides
+            code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+                    "from engine.config import load_config; "
+                    "from engine.modeling import load_model_config, load_tokenizer; "
+                    "cfg = load_config(None, sys.argv[3:]); "
+                    "conf = load_model_config(cfg, load_tokenizer(cfg), None); "
+                    "torch.manual_seed(0); AutoModelForCausalLM.from_config(conf, dtype=torch.float32)"
+                    ".save_pretrained(sys.argv[2])")
+            return [sys.executable, "-c", code, self.model, str(self.out_dir), *self.overrides]
         code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
                 "from engine.flops import hf_config, parse_model; "
                 "conf = hf_config(parse_model(sys.argv[1])); "
@@ -227,6 +237,7 @@ class Part:
     builds: list[Build] = field(default_factory=list)  # smoke parts: done first, beside other launches
     notes: list[str] = field(default_factory=list)
     common: list[str] = field(default_factory=list)  # smoke: overrides every launch shares
+    init: InitWeights | None = None  # smoke: the one saved init every launch starts from
     sections: dict[str, str] = field(default_factory=dict)  # bench parts: section -> title
     jobs: int = 1
 
@@ -278,8 +289,12 @@ def smoke_part(name: str, precision: str, a) -> Part:
         "train.scheduler=linear", "train.weight_decay=0.01", "train.max_grad_norm=1.0", "train.seed=0",
         f"train.precision={precision}", "train.log_every=1", "train.save_every=0", "train.keep_last=1",
     ]
+    # every launch starts from one saved init of that model: ZeRO-3 would build it inside zero.Init,
+    # on the GPU, from other random numbers than the backends that build it on the CPU
+    init = InitWeights("smoke", work / "init", overrides=common)
+    common = [*common, f"model.name_or_path={init.out_dir}"]
     resume = labels if a.resume_all else [x for x in RESUME_SUBSET[precision] if x in labels]
-    p = Part(name, "smoke", precision, jobs=1 if cpu else a.jobs)
+    p = Part(name, "smoke", precision, jobs=1 if cpu else a.jobs, init=init)
     p.common = common
     # launches that need a JIT build first, so their chains (build, then them) start at once
     order = sorted(labels, key=lambda x: 0 if needs_build(x) else 1)
@@ -305,8 +320,8 @@ def smoke_part(name: str, precision: str, a) -> Part:
     for b in dict.fromkeys(l.needs for l in p.launches if l.needs):
         p.builds.append(build_step(b))
     p.notes = [
-        f"model: GPT-2 built from config ({model['n_layer']} layers x {model['n_embd']}, {model['n_head']} heads, "
-        f"dropout off), tokenizer and data builtin:sample, seq {seq}, micro-batch {mb}, {steps} steps, "
+        f"model: GPT-2 from config ({model['n_layer']} layers x {model['n_embd']}, {model['n_head']} heads, "
+        f"dropout off; one random init, seed 0, saved and loaded by every launch), tokenizer and data builtin:sample, seq {seq}, micro-batch {mb}, {steps} steps, "
         f"lr 1e-3 linear with 10% warm-up, clipping 1.0, seed 0, {precision}, "
         + ("CPU processes (gloo) x " + str(a.nproc) if cpu else "1 GPU") + ".",
         f"resume checked for: {', '.join(resume)} (stop at step {stop}, relaunch on the same output_dir).",
@@ -668,6 +683,8 @@ def part_estimate(p: Part, setup: bool = True) -> list[tuple[str, int]]:
     """(what, seconds) for everything the part starts, in order; their sum is the call's estimate."""
     out = [("wheel install + import check (run.sh)", EST["install"]), ("device query", EST["device"])] if setup else []
     if p.kind == "smoke":
+        if p.init:
+            out.append(("initial weights (one random init, saved)", p.init.est_s))
         chains = smoke_chains(p)
         secs = chain_schedule([sum(x.est_s for x in c) for c in chains], p.jobs)
         out.append((f"{len(p.launches)} launches + {len(p.builds)} build(s), {p.jobs} at a time", secs))
@@ -1137,8 +1154,20 @@ def run_smoke(part: Part, a, deadline: float, log: RowLog) -> dict:
                                        "message": f"the {item.name} build failed"}
                 return
 
+    chains = smoke_chains(part)
+    if part.init:  # before every launch: they all load it
+        init = part.init
+        code, wall, to = run_cmd(init.argv(), logs / "init.log", deadline - time.time(), env)
+        log.add({"kind": "build", "name": "initial weights", "wall_s": round(wall, 1),
+                 "outcome": "ok" if code == 0 and not to else ("timeout" if to else f"exit {code}"),
+                 "message": "" if code == 0 else _first_error(tail(logs / "init.log"))})
+        if code != 0 or to:
+            for l in part.launches:
+                results[l.name] = {"label": l.label, "role": l.role, "outcome": "skipped",
+                                   "message": "the initial weights were not written"}
+            chains = []
     with ThreadPoolExecutor(max_workers=part.jobs) as ex:
-        list(ex.map(chain, smoke_chains(part)))
+        list(ex.map(chain, chains))
 
     # ---- checks ----
     checks = []
