@@ -367,6 +367,7 @@ class EstimateRow:
     deepspeed_estimator: bool = False  # DeepSpeed's own estimator functions are the source (16-bit ZeRO-2/3)
     grad_bucket: bool = False          # replicated: a gradient bucket copy for the all-reduce when N > 1
     autocast_copy: bool = False        # replicated: autocast's 16-bit weight copies in bf16/fp16
+    quantized_base: bool = False       # QLoRA rows: the backend keeps bitsandbytes' 4-bit base layers
     listed: bool = True                # shown by `engine estimate`; False: only for bench runs mapped to it
 
 

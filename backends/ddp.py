@@ -140,7 +140,7 @@ class DDPBackend(Backend):
     @classmethod
     def estimate_rows(cls):
         # fp32 weights, grads and AdamW on every rank; DDP's gradient bucket; autocast's weight copies
-        return (EstimateRow("ddp", None, grad_bucket=True, autocast_copy=True),)
+        return (EstimateRow("ddp", None, grad_bucket=True, autocast_copy=True, quantized_base=cls.quantized_base),)
 
     @classmethod
     def estimate_key(cls, options: dict) -> str | None:

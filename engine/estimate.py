@@ -28,6 +28,10 @@ Sources, per row (the `source` field says which):
   optimizer (and with +offload on ZeRO-3 also the parameters) to host memory, per node, with
   DeepSpeed's buffer factor 1.5.
 
+QLoRA (`quantized=True`, with lora_trainable): on the rows whose backend keeps bitsandbytes' 4-bit
+layers, the base's linear weights at QUANT_BYTES_PER_WEIGHT (+ QUANT_BYTES_PER_LAYER), the rest of
+the base fp32 plus autocast's 16-bit copies; the adapters as in LoRA.
+
 Activations per rank, micro-batch b, sequence s, width h, heads a, layers l, vocabulary V, in the
 form of Korthikanti et al. 2022 ("Reducing Activation Recomputation", no tensor parallelism) with
 per-layer constants measured on the H200 (benchmarks/results/h200-x1, GPT-2 124M at 16 x 1024 and
@@ -162,19 +166,27 @@ def replicated_row() -> EstimateRow:
 
 def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = None, micro_batch: int = 1,
              precision: str = "bf16", gpu_memory: float = 80 * GiB, rows=None,
-             host_memory: float | None = None, lora_trainable: int | None = None) -> list[Estimate]:
+             host_memory: float | None = None, lora_trainable: int | None = None,
+             quantized: bool = False) -> list[Estimate]:
     """One Estimate per row key in `rows` (default: every listed row); formulas in the module docstring.
     host_memory: per node; the `fits` verdicts then need the host column within FIT_FRACTION of it too
     (None: device memory only). lora_trainable: a LoRA run's trainable parameters (lora_params): they
-    get gradients and AdamW state, the base only its frozen weights (_frozen_base)."""
+    get gradients and AdamW state, the base only its frozen weights (_frozen_base). quantized: QLoRA,
+    the base's linear weights in 4 bits (quantized_base_bytes); only rows whose backend keeps them."""
+    if quantized and lora_trainable is None:
+        raise ValueError("a 4-bit (QLoRA) base needs LoRA adapters (lora_trainable)")
     table = {row.key: row for row in estimate_rows(listed_only=False)}
     if rows is None:
-        selected = [row for row in table.values() if row.listed]
+        selected = [row for row in table.values() if row.listed and (row.quantized_base or not quantized)]
     else:
         unknown = [key for key in rows if key not in table]
         if unknown:
             raise ValueError(f"no estimate row {', '.join(map(repr, unknown))}; rows: {', '.join(table)}")
         selected = [table[key] for key in rows]
+        refused = [row.key for row in selected if quantized and not row.quantized_base]
+        if refused:
+            raise ValueError(f"no 4-bit (QLoRA) base on {', '.join(refused)}; rows that keep one: "
+                             + ", ".join(row.key for row in table.values() if row.quantized_base))
     counts = param_counts(model)
     arch = parse_model(model)
     seq = seq or arch.context
@@ -198,8 +210,9 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
                     buf += gpu - ours
         else:  # the adapters train as a model of lora_trainable parameters would; the base is frozen weights only
             p, g, o, buf, host = _states(row, lora_trainable, 0, N, nodes, half)
-            base, base_host = _frozen_base(row, P, L, N, nodes, half)
-            p, host, source = p + base, host + base_host, "formula+lora"
+            base, base_host = (_quantized_base(row, model, P, half) if quantized
+                               else _frozen_base(row, P, L, N, nodes, half))
+            p, host, source = p + base, host + base_host, "formula+qlora" if quantized else "formula+lora"
         e = Estimate(row.key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
         e.host_fits = host_memory is None or e.host_per_node <= FIT_FRACTION * host_memory
         e.gpu_fits_full = e.total_full <= FIT_FRACTION * gpu_memory
@@ -248,21 +261,47 @@ def _frozen_base(row, P: int, L: int, N: int, nodes: int, half: bool) -> tuple[i
     return width * P // N + 4 * L, 0
 
 
+# bitsandbytes' 4-bit layout (blocksize 64, double quantization: the per-block absmax in uint8, one
+# fp32 absmax per 256 of those), per layer its 16-entry 4-bit code, the nested 256-entry uint8 code
+# and offset, all fp32
+QUANT_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+QUANT_BYTES_PER_LAYER = 4 * (16 + 256 + 1)
+
+
+def quantized_base_bytes(model: str) -> int:
+    """Device bytes of QLoRA's 4-bit linear weights of `model` (engine.flops.quantized_params)."""
+    from engine.flops import quantized_params
+    weights, layers = quantized_params(model)
+    return int(QUANT_BYTES_PER_WEIGHT * weights) + QUANT_BYTES_PER_LAYER * layers
+
+
+def _quantized_base(row, model: str, P: int, half: bool) -> tuple[int, int]:
+    """(device bytes per rank, host bytes per node) of QLoRA's frozen base on a replicated row: the
+    linear weights in 4 bits (dequantized a layer at a time, so no lasting 16-bit copy), the rest
+    (embeddings, norms, biases, the head) fp32 as loaded, with autocast's 16-bit copies."""
+    from engine.flops import quantized_params
+    rest = P - quantized_params(model)[0]
+    return quantized_base_bytes(model) + 4 * rest + (2 * rest if row.autocast_copy and half else 0), 0
+
+
 # the sweep of `engine estimate --largest`: the published architectures the estimator knows
 SWEEP = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-neo-1.3B", "gpt-neo-2.7B", "gpt-j-6B",
          "qwen2.5-0.5b", "llama-3.2-1b", "mistral-7b", "llama-3.1-8b")
 
 
 def largest_models(gpus_per_node: int, nodes: int, seq: int, micro_batch: int, precision: str, gpu_memory: float,
-                   host_memory: float, lora_r: int | None = None) -> dict[str, tuple[str, int, bool] | None]:
+                   host_memory: float, lora_r: int | None = None,
+                   quantized: bool = False) -> dict[str, tuple[str, int, bool] | None]:
     """Row -> (the largest model of SWEEP that fits it, its parameter count, needs gradient
-    checkpointing), None when none does; full fine-tuning (or LoRA of rank lora_r), at `seq` tokens."""
+    checkpointing), None when none does; full fine-tuning (or LoRA of rank lora_r, over a 4-bit base
+    if quantized), at `seq` tokens."""
     from engine.flops import lora_params
-    best: dict[str, tuple[str, int, bool] | None] = {row.key: None for row in estimate_rows()}
+    best: dict[str, tuple[str, int, bool] | None] = {row.key: None for row in estimate_rows()
+                                                     if row.quantized_base or not quantized}
     for model in sorted(SWEEP, key=lambda m: param_counts(m).total):
         for e in estimate(model, gpus_per_node, nodes, seq=seq, micro_batch=micro_batch, precision=precision,
                           gpu_memory=gpu_memory, host_memory=host_memory,
-                          lora_trainable=lora_params(model, lora_r) if lora_r else None):
+                          lora_trainable=lora_params(model, lora_r) if lora_r else None, quantized=quantized):
             if e.fits_full or e.fits_ckpt:
                 best[e.backend] = (model, param_counts(model).total, not e.fits_full)
     return best

@@ -183,6 +183,22 @@ def param_counts(spec: str) -> ParamCounts:
     return ParamCounts(total, embedding, arch.d_model * arch.vocab, largest, tied)
 
 
+@functools.lru_cache(maxsize=32)
+def quantized_params(spec: str) -> tuple[int, int]:
+    """(weights, layers) QLoRA's bitsandbytes config stores in 4 bits on a causal LM of `spec`: every
+    linear layer's weight (GPT-2's Conv1D too) except the output head, which transformers keeps as
+    loaded (engine.modeling.quantization_config); counted on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(parse_model(spec)))
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+    return sum(m.weight.numel() for m in layers), len(layers)
+
+
 def flops_per_token(spec: str, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), formula in the module docstring."""
     arch = parse_model(spec)

@@ -356,8 +356,11 @@ def _estimator_inputs(model: str | None, gpu_memory: str, host_memory: str | Non
 @click.option("--host-memory", default=None, help="host RAM per node, e.g. 128GB (default: this machine's)")
 @click.option("--lora", "lora_r", type=int, default=None, help="LoRA of this rank (PEFT's default target modules "
               "for the family) instead of full fine-tuning")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4"]), default=None, help="QLoRA (with --lora): the base's "
+              "linear weights in 4 bits (bitsandbytes), as model.lora.quantize; rows of backends that keep them")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (bytes)")
-def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, lora_r, as_json):
+def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precision, host_memory, lora_r, quantize,
+             as_json):
     """Predicted memory per GPU for each backend/stage/offload, and which fit: engine estimate gpt2-xl --gpus 8"""
     import json as _json
     if (model is None) == (not largest):
@@ -366,10 +369,12 @@ def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precisio
     from engine import estimate as est
     if min(gpus, nodes, micro_batch) < 1 or (lora_r is not None and lora_r < 1):
         raise EngineError("--gpus, --nodes, --micro-batch and --lora must be >= 1")
-    how = f"with LoRA r={lora_r}" if lora_r else "fully"
+    if quantize and not lora_r:
+        raise EngineError(f"--quantize {quantize} (QLoRA) trains LoRA adapters over the 4-bit base: add --lora R")
+    how = (f"with LoRA r={lora_r}" + (f" over a 4-bit ({quantize}) base" if quantize else "")) if lora_r else "fully"
     if largest:
         seq = seq or 2048
-        found = est.largest_models(gpus, nodes, seq, micro_batch, precision, memory, host, lora_r)
+        found = est.largest_models(gpus, nodes, seq, micro_batch, precision, memory, host, lora_r, bool(quantize))
         click.echo(f"largest model each backend can train {how}: {gpus} GPU(s) of {memory / 2**30:.0f} GiB x {nodes} "
                    f"node(s), {host / 2**30:.0f} GiB host memory per node, seq {seq}, micro-batch {micro_batch}, "
                    f"{precision} (sweep: {', '.join(est.SWEEP)})")
@@ -381,16 +386,20 @@ def estimate(model, largest, gpus, nodes, gpu_memory, seq, micro_batch, precisio
     from engine.flops import lora_params
     trainable = lora_params(model, lora_r) if lora_r else None
     rows = est.estimate(model, gpus, nodes, seq=seq, micro_batch=micro_batch, precision=precision, gpu_memory=memory,
-                        host_memory=host, lora_trainable=trainable)
+                        host_memory=host, lora_trainable=trainable, quantized=bool(quantize))
     if as_json:
         click.echo(_json.dumps({"model": model, "gpus_per_node": gpus, "nodes": nodes, "seq": seq,
                                 "micro_batch": micro_batch, "precision": precision, "gpu_memory": memory,
                                 "host_memory": host, "lora_r": lora_r, "lora_trainable": trainable,
-                                "rows": [r.to_dict() for r in rows]}, indent=1))
+                                "quantize": quantize, "rows": [r.to_dict() for r in rows]}, indent=1))
     else:
+        base = ("frozen weights only (no gradients or AdamW state)" if not quantize else
+                f"frozen, its linear weights in 4 bits ({quantize}: {est.quantized_base_bytes(model) / 2**30:.2f} GiB "
+                f"with their quantization state; the rest fp32 as loaded); rows of the backends that keep "
+                f"bitsandbytes' 4-bit layers only")
         click.echo(est.format_table(model, rows, gpus, nodes, seq, micro_batch, precision, memory, host)
                    + (f"\nLoRA r={lora_r}: {trainable:,} trainable parameters (PEFT's default targets); the base is "
-                      "frozen weights only (no gradients or AdamW state)" if lora_r else ""))
+                      + base if lora_r else ""))
 
 
 @main.command()

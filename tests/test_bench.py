@@ -441,3 +441,26 @@ def test_estimate_with_lora_counts_the_adapters_as_peft_builds_them_and_the_base
     assert not full["ddp"].fits_full and ddp.fits_full
     text, code = _estimate("llama-3.1-8b", "--gpus", "1", "--seq", "2048", "--lora", "8", "--host-memory", "128GB")
     assert code == 0 and "LoRA r=8: 3,407,872 trainable parameters" in text and "Failed to load" not in text, text
+
+
+@pytest.mark.fast
+def test_estimate_of_qlora_lists_the_backends_that_keep_a_4bit_base():
+    """--quantize nf4 with --lora: Llama-3.1-8B's linear weights (all but the head) in 4 bits, the
+    rest fp32 as loaded with autocast's bf16 copies; only the rows whose backend keeps bitsandbytes'
+    layers (ddp); without --lora it is an error in one line."""
+    from engine.estimate import QUANT_BYTES_PER_WEIGHT, estimate
+    from engine.flops import lora_params, param_counts, quantized_params
+    q, layers = quantized_params("llama-3.1-8b")
+    P = param_counts("llama-3.1-8b").total
+    assert layers == 32 * 7 and q == P - 2 * 128256 * 4096 - (2 * 32 + 1) * 4096  # embed, head, norms stay
+    lora = lora_params("llama-3.1-8b", 8)
+    (ddp,) = estimate("llama-3.1-8b", 1, seq=2048, lora_trainable=lora, quantized=True)
+    assert ddp.backend == "ddp" and ddp.source == "formula+qlora"
+    assert ddp.params == pytest.approx(4 * lora + QUANT_BYTES_PER_WEIGHT * q + 6 * (P - q), abs=2**20)
+    with pytest.raises(ValueError, match="no 4-bit \\(QLoRA\\) base on deepspeed:zero3; rows that keep one: ddp"):
+        estimate("llama-3.1-8b", 1, lora_trainable=lora, quantized=True, rows=["deepspeed:zero3"])
+    text, code = _estimate("llama-3.1-8b", "--gpus", "1", "--seq", "2048", "--lora", "8", "--quantize", "nf4")
+    assert code == 0 and [line.split()[0] for line in text.splitlines()[3:4]] == ["ddp"], text
+    assert "linear weights in 4 bits (nf4: 3.35 GiB" in text, text
+    text, code = _estimate("llama-3.1-8b", "--quantize", "nf4")
+    assert code != 0 and "error: --quantize nf4 (QLoRA) trains LoRA adapters over the 4-bit base: add --lora R" in text

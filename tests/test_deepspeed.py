@@ -271,7 +271,8 @@ def test_bf16_zero0_updates_as_zero1(job):
     same bf16 weights and fp32 masters and step the same torch AdamW: the same losses. DeepSpeed's
     unfused wrapper takes a zero-gradient AdamW step to create the state, so without the backend's
     undo every update has the next step's bias correction: 6.9e-4 apart at step 3 here (5e-7 with it),
-    25% by step 20 on the H200 smoke (benchmarks/results/h200-x1/smoke-bf16.md)."""
+    25% by step 20 on the H200 smoke (benchmarks/results/h200-x1/smoke-bf16-before-fixes.md; 1.1%
+    from DDP after, as ZeRO-1)."""
     zero0, zero1 = (losses(job["runs"][("bf16", f"zero{s}")]) for s in (0, 1))
     assert len(zero0) == STEPS
     assert zero0 == pytest.approx(zero1, rel=2e-5)

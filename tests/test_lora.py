@@ -244,6 +244,39 @@ def test_a_qlora_checkpoint_exports_and_evaluates_over_the_full_precision_base(j
     assert got["eval_loss"] == pytest.approx(logged["eval_loss"], rel=0.02) and got["eval_loss"] != logged["eval_loss"]
 
 @pytest.mark.fast
+def test_the_estimate_of_a_qlora_base_is_what_bitsandbytes_stores(tmp_path):
+    """`engine estimate --lora R --quantize nf4`: the ddp row's parameter bytes (the 4-bit linear
+    weights with their double-quantized scales and code tables, the rest fp32, the adapters fp32)
+    against the bytes of the model the engine builds on CPU with bitsandbytes: every parameter and
+    buffer, and every tensor of each 4-bit weight's quantization state."""
+    import torch
+    from bitsandbytes.nn import Params4bit
+    from transformers import AutoModelForCausalLM
+
+    from engine.estimate import estimate
+    from engine.modeling import load_model_config, load_tokenizer, model_builder
+    wide = tiny_gpt2_dir(tmp_path, n_embd=64)
+    cfg = load_config(None, [*_task("clm", wide), *LORA, "model.lora.quantize=nf4", "train.precision=fp32"])
+    model = model_builder(cfg, load_model_config(cfg, load_tokenizer(cfg), None), AutoModelForCausalLM)()
+    stored, quantized = 0, 0
+    for p in model.parameters():
+        stored += p.numel() * p.element_size()
+        if isinstance(p, Params4bit):
+            quantized += p.quant_state.shape.numel()
+            state = p.quant_state.as_dict(packed=False)  # absmax, code, nested absmax/code/offset
+            stored += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    stored += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    (e,) = estimate(str(wide), 1, seq=32, precision="fp32", rows=["ddp"], lora_trainable=trainable, quantized=True)
+    from engine.flops import quantized_params
+    assert quantized_params(str(wide))[0] == quantized > 0  # the linear weights bitsandbytes took
+    print(f"estimated {e.params:,} B, stored {stored:,} B")
+    assert e.source == "formula+qlora" and e.params == pytest.approx(stored, rel=0.01), (e.params, stored)
+    (full,) = estimate(str(wide), 1, seq=32, precision="fp32", rows=["ddp"], lora_trainable=trainable)
+    assert e.params < full.params  # and it can fail: the fp32 base is 4 bytes a weight
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp", "colossal"])
 def test_qlora_where_the_backend_cannot_is_refused_in_one_line(tiny_gpt2, backend):
     from engine.errors import EngineError
