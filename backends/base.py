@@ -366,6 +366,9 @@ class EstimateRow:
     offload_params: bool = False       # the parameters too (ZeRO-3)
     deepspeed_estimator: bool = False  # DeepSpeed's own estimator functions are the source (16-bit ZeRO-2/3)
     grad_bucket: bool = False          # replicated: a gradient bucket copy for the all-reduce when N > 1
+    grad_bucket_one_rank: bool = False  # ... on one rank too (the wrapper is there whatever N)
+    reduce_bucket: int = 0             # elements of a gradient reduce buffer allocated whole, in the
+                                       # weights' width (DeepSpeed ZeRO 1-3: reduce_bucket_size)
     autocast_copy: bool = False        # replicated: autocast's 16-bit weight copies in bf16/fp16
     quantized_base: bool = False       # QLoRA rows: the backend keeps bitsandbytes' 4-bit base layers
     listed: bool = True                # shown by `engine estimate`; False: only for bench runs mapped to it

@@ -23,7 +23,9 @@ Sources, per row (the `source` field says which):
   | deepspeed:zero3, colossal:gemini| (2 p + 4 g + 12 opt)/N + 4 L (= DeepSpeed) | (4 + 4 + 12)/N + 4 L   |
 
   DDP/torch_ddp keep fp32 weights under autocast (the 2 "cast" bytes are autocast's bf16 weight
-  copies) and a gradient bucket copy when N > 1. DeepSpeed/ColossalAI ZeRO keep an fp32 master
+  copies) and a gradient bucket copy when N > 1 (torch_ddp also on one rank: it always wraps).
+  DeepSpeed ZeRO 1-3 add their reduce buffer, allocated whole: reduce_bucket_size (5e8 elements
+  by default) in the weights' width, 954 MiB in 16 bits, whatever the model's size. DeepSpeed/ColossalAI ZeRO keep an fp32 master
   copy of their partition even in fp32 runs (12 = master 4 + Adam moments 8). Offload moves the
   optimizer (and with +offload on ZeRO-3 also the parameters) to host memory, per node, with
   DeepSpeed's buffer factor 1.5.
@@ -213,6 +215,7 @@ def estimate(model: str, gpus_per_node: int, nodes: int = 1, seq: int | None = N
             base, base_host = (_quantized_base(row, model, P, half) if quantized
                                else _frozen_base(row, P, L, N, nodes, half))
             p, host, source = p + base, host + base_host, "formula+qlora" if quantized else "formula+lora"
+        buf += row.reduce_bucket * (2 if half else 4)  # on the device, offloaded or not
         e = Estimate(row.key, source, int(p), int(g), int(o), int(buf), act_full, act_ckpt, int(host))
         e.host_fits = host_memory is None or e.host_per_node <= FIT_FRACTION * host_memory
         e.gpu_fits_full = e.total_full <= FIT_FRACTION * gpu_memory
@@ -227,7 +230,8 @@ def _states(row, P: int, L: int, N: int, nodes: int, half: bool) -> tuple[int, i
     stage, host = row.zero_stage, 0
     if stage is None:  # replicated
         p, g, o = 4 * P, 4 * P, 8 * P
-        buf = (4 * P if row.grad_bucket and N > 1 else 0) + (2 * P if row.autocast_copy and half else 0)
+        bucket = row.grad_bucket and (N > 1 or row.grad_bucket_one_rank)
+        buf = (4 * P if bucket else 0) + (2 * P if row.autocast_copy and half else 0)
     elif stage == 0:
         p, g, o, buf = (2 * P, 6 * P, 12 * P, 0) if half else (4 * P, 4 * P, 8 * P, 0)
     elif stage == 1:

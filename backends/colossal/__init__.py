@@ -523,7 +523,9 @@ class ColossalBackend(Backend):
 
     @classmethod
     def estimate_rows(cls):
-        return (EstimateRow("colossal:torch_ddp", None, grad_bucket=True, autocast_copy=True),
+        # torch_ddp wraps the model in DDP on one rank too: its gradient buckets exist whatever N
+        return (EstimateRow("colossal:torch_ddp", None, grad_bucket=True, grad_bucket_one_rank=True,
+                            autocast_copy=True),
                 EstimateRow("colossal:zero1", 1), EstimateRow("colossal:zero2", 2),
                 EstimateRow("colossal:gemini", 3))
 
