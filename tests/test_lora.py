@@ -1,11 +1,12 @@
 """LoRA through PEFT (`model.lora`) on every backend that takes it, CPU, 2 processes, fp32.
 
 All training runs are scenarios of the session's shared torchrun job (conftest.py). The LoRA run's
-per-step losses on DeepSpeed ZeRO-2/3 (ZeRO-3 with and without CPU offload) and FSDP2 must equal the DDP
-run's within 1e-6 (ColossalAI refuses LoRA for now, in one line) (the same adapters, the same frozen base, the
-same torch AdamW update order: for_loop), and the trained adapters must be the same tensors
-(1e-5): ZeRO-3 gathers them before PEFT saves (DeepSpeed #4295 / PEFT #1443 saw adapters saved
-nearly empty). A resumed ZeRO-3 LoRA run continues exactly; the adapter folder loads over its base
+per-step losses on DeepSpeed ZeRO-2/3 (ZeRO-3 with and without CPU offload), FSDP2 and ColossalAI
+torch_ddp / low_level_zero ZeRO-2 must equal the DDP run's within 1e-6 (ColossalAI's hybrid and Gemini
+refuse LoRA in one line) (the same adapters, the same frozen base, the same torch AdamW update order:
+for_loop), and the trained adapters must be the same tensors (1e-5): ZeRO-3 gathers them before PEFT
+saves (DeepSpeed #4295 / PEFT #1443 saw adapters saved nearly empty). Resumed ZeRO-3 and ColossalAI
+ZeRO-2 LoRA runs continue exactly; the adapter folder loads over its base
 with PEFT, the merged folder in plain transformers; `engine export` and `engine eval` take both.
 QLoRA (`model.lora.quantize=nf4`, bitsandbytes' CPU backend) trains the same adapters over the base
 in 4 bits on DDP, resumes exactly, and exports onto the full-precision base; elsewhere it is refused.
@@ -33,12 +34,16 @@ VARIANTS = {  # label -> backend overrides
     "zero3+offload": ["backend.name=deepspeed", "backend.deepspeed.zero_stage=3",
                       "backend.deepspeed.offload_optimizer=cpu", "backend.deepspeed.offload_params=cpu"],
     "fsdp": ["backend.name=fsdp"],  # FSDP2: frozen base and trainable adapters sharded in the same groups
+    # ColossalAI's Booster over the PEFT model (whole weights on every rank; ZeRO-2 shards the adapters' state)
+    "col-ddp": ["backend.name=colossal", "backend.colossal.plugin=torch_ddp"],
+    "col-zero2": ["backend.name=colossal", "backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2"],
 }
-CLS_VARIANTS = ("ddp", "zero3", "fsdp")
+CLS_VARIANTS = ("ddp", "zero3", "fsdp", "col-zero2")
 
 
 def _variants() -> list[str]:
-    return list(VARIANTS)
+    from test_export_checkpoints import _have
+    return [v for v in VARIANTS if _have("colossalai") or not v.startswith("col-")]
 
 
 def _task(task: str, model: Path) -> list[str]:
@@ -66,10 +71,13 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     zero3 = [f"backend.deepspeed.config_file={root / 'zero3.json'}"]
     extra = {"ddp": ["model.lora.merge=true"], "zero3": zero3}
     out = [_config("clm", model, root / f"clm-{v}", v, *extra.get(v, [])) for v in _variants()]
-    out += [_config("cls", model, root / f"cls-{v}", v, *extra.get(v, [])) for v in CLS_VARIANTS]
-    resumed = root / "clm-zero3-resumed"  # stopped at step 2 (its checkpoint), relaunched to the end
-    out += [_config("clm", model, resumed, "zero3", *zero3, "train.stop_at_step=2"),
-            _config("clm", model, resumed, "zero3", *zero3)]
+    out += [_config("cls", model, root / f"cls-{v}", v, *extra.get(v, [])) for v in CLS_VARIANTS if v in _variants()]
+    # stopped at step 2 (its checkpoint), relaunched to the end
+    for variant, options in (("zero3", zero3), ("col-zero2", [])):
+        if variant in _variants():
+            resumed = root / f"clm-{variant}-resumed"
+            out += [_config("clm", model, resumed, variant, *options, "train.stop_at_step=2"),
+                    _config("clm", model, resumed, variant, *options)]
     # bitsandbytes' CPU kernels take 4-bit weights in blocks of 64 inputs: a 64-wide model, with
     # LoRA over its fp32 base as the reference
     wide, qlora = tiny_gpt2_dir(root, n_embd=64), ["model.lora.quantize=nf4", "model.lora.merge=true"]
@@ -91,7 +99,7 @@ def _adapter(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("task,variant", [("clm", v) for v in _variants() if v != "ddp"]
-                         + [("cls", v) for v in CLS_VARIANTS if v != "ddp"])
+                         + [("cls", v) for v in CLS_VARIANTS if v != "ddp" and v in _variants()])
 def test_lora_losses_and_adapters_equal_ddps(job, task, variant):
     root, _ = job
     got, want = losses(root / f"{task}-{variant}"), losses(root / f"{task}-ddp")
@@ -117,12 +125,15 @@ def test_only_the_adapters_train_and_the_log_says_how_many(job):
     assert sum(t.numel() for t in ref.values()) == trainable
 
 
-def test_a_resumed_zero3_lora_run_continues_exactly(job):
+@pytest.mark.parametrize("variant", [v for v in ("zero3", "col-zero2") if v in _variants()])
+def test_a_resumed_lora_run_continues_exactly(job, variant):
+    """ZeRO-3 partitions the adapters; ColossalAI's Booster would save a PEFT model as its base alone
+    (the backend writes the PEFT model's own state instead, and syncs low_level_zero's fp32 masters)."""
     root, log = job
-    assert losses(root / "clm-zero3-resumed") == losses(root / "clm-zero3")
-    assert any("resumed from step-2" in ln for ln in scenario_log(log, root / "clm-zero3-resumed")[-1])
-    assert (_adapter(root / "clm-zero3-resumed" / "model")["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
-            .equal(_adapter(root / "clm-zero3" / "model")["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]))
+    assert losses(root / f"clm-{variant}-resumed") == losses(root / f"clm-{variant}")
+    assert any("resumed from step-2" in ln for ln in scenario_log(log, root / f"clm-{variant}-resumed")[-1])
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    assert _adapter(root / f"clm-{variant}-resumed" / "model")[key].equal(_adapter(root / f"clm-{variant}" / "model")[key])
 
 
 def _logits(model, vocab: int):
@@ -179,16 +190,31 @@ def test_export_and_eval_take_a_lora_checkpoint_and_its_adapters(job, tmp_path):
         assert got["accuracy"] == logged["accuracy"], name
 
 
+@pytest.mark.skipif("col-zero2" not in _variants(), reason="colossalai not installed")
+def test_a_colossal_lora_checkpoint_exports_the_runs_adapters(job, tmp_path):
+    """The low_level_zero checkpoint holds the PEFT model by PEFT's names, as ddp's does: `engine
+    export` reads the run's very adapters from it."""
+    root, _ = job
+    run = root / "clm-col-zero2"
+    assert _export_adapter_and_merged(run / "checkpoints" / f"step-{STEPS}", run, tmp_path) == 0.0
+
+
 @pytest.mark.fast
-@pytest.mark.parametrize("plugin", ["torch_ddp", "low_level_zero", "hybrid", "gemini"])
+@pytest.mark.parametrize("plugin", ["hybrid", "gemini"])
 def test_lora_where_the_backend_cannot_is_refused_before_launch(tiny_gpt2, plugin):
     pytest.importorskip("colossalai")
     from backends.base import backend_class
     from engine.errors import EngineError
     cfg = load_config(None, [*_task("clm", tiny_gpt2), *LORA, "backend.name=colossal",
                              f"backend.colossal.plugin={plugin}", "train.precision=bf16"])
-    with pytest.raises(EngineError, match="model.lora is not supported by the colossal backend yet"):
+    with pytest.raises(EngineError, match=rf"^model.lora is not supported by the colossal backend with plugin={plugin} "
+                                          r"\(.*\); use backend.colossal.plugin=torch_ddp or low_level_zero, or "
+                                          "--backend ddp, deepspeed or fsdp$"):
         backend_class("colossal").preflight(cfg.training_spec(), cfg.backend_options(), 2)
+    for able in ("torch_ddp", "low_level_zero"):
+        ok = load_config(None, [*_task("clm", tiny_gpt2), *LORA, "backend.name=colossal",
+                                f"backend.colossal.plugin={able}"])
+        backend_class("colossal").preflight(ok.training_spec(), ok.backend_options(), 2)
 
 
 @pytest.mark.fast

@@ -107,12 +107,13 @@ def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
         return ("train.compile is not supported by the colossal backend: ColossalAI's Booster wraps the model "
                 "in its own wrapper (sharded modules, pipeline schedules, ZeRO hooks) that unwrap/save/no_sync "
                 "expect uncompiled; use --backend ddp or deepspeed for torch.compile")
-    if t.lora:
-        # ColossalAI's checkpoint IO treats a PEFT model through its own view of it (made for
-        # booster.enable_lora): save_model writes the base weights under their plain names and the
-        # adapters apart, so neither a resume nor the export sees the model that trained
-        return (f"model.lora is not supported by the colossal backend yet (plugin={o.plugin}: its checkpoints of a "
-                "PEFT model do not hold the adapters where a resume reads them); use --backend ddp or deepspeed")
+    if t.lora and o.plugin in ("hybrid", "gemini"):
+        # hybrid's shardformer swaps the linear layers PEFT put its adapters on for its own TP/PP
+        # modules; Gemini moves every parameter into its chunks, where the frozen base is not kept apart
+        return (f"model.lora is not supported by the colossal backend with plugin={o.plugin} (its "
+                + ("tensor/pipeline-parallel modules replace the layers PEFT adapts" if o.plugin == "hybrid"
+                   else "chunk-managed parameters do not keep PEFT's frozen base apart")
+                + "); use backend.colossal.plugin=torch_ddp or low_level_zero, or --backend ddp, deepspeed or fsdp")
     if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
         return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
                 "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
@@ -268,7 +269,8 @@ class ColossalBackend(Backend):
             optim = adamw(module, optimizer, self.device)
         sched = build_scheduler(optim, scheduler)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(module, optim, lr_scheduler=sched)
-        self.module = self.model.unwrap()
+        # LoRA: the PEFT model itself (the Booster's unwrap shows a view of its base without adapters)
+        self.module = self.model.unwrap(unwrap_peft=False) if self.spec.lora else self.model.unwrap()
 
     # -- training ---------------------------------------------------------------------------
     def _no_sync(self, sync_grads: bool):
@@ -365,8 +367,10 @@ class ColossalBackend(Backend):
     # -- state ------------------------------------------------------------------------------
     def save_state(self, directory: Path) -> None:
         directory = Path(directory)
-        # torch .bin shards: safetensors refuses GPT-2's tied wte/lm_head (shared storage)
-        self.booster.save_model(self.model, str(directory / "model"), shard=True, use_safetensors=False)
+        if self.spec.lora:
+            self._save_peft_model(directory / "model")
+        else:  # torch .bin shards: safetensors refuses GPT-2's tied wte/lm_head (shared storage)
+            self.booster.save_model(self.model, str(directory / "model"), shard=True, use_safetensors=False)
         self.booster.save_optimizer(self.optimizer, str(directory / "optimizer"), shard=True)
         if self.is_main:
             self.booster.save_lr_scheduler(self.scheduler, str(directory / "scheduler.pt"))
@@ -377,7 +381,28 @@ class ColossalBackend(Backend):
         self.booster.load_optimizer(self.optimizer, str(directory / "optimizer"))
         self.booster.load_lr_scheduler(self.scheduler, str(directory / "scheduler.pt"))
 
+    def _save_peft_model(self, folder: Path) -> None:
+        """A LoRA run's model/: the PEFT model's whole state dict by PEFT's names (base and adapters),
+        as the ddp backend writes it, in the Booster's shard layout. ColossalAI's own save_model shows
+        a PEFT model as its base without the adapters. torch_ddp and low_level_zero keep every weight
+        whole on every rank: rank 0 writes."""
+        wait = getattr(self.model, "_force_wait_all_gather", None)
+        if wait:  # low_level_zero may still be gathering the weights of the last step
+            wait()
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            torch.save(state, folder / "pytorch_model-00001.bin")
+            _write_index(folder / "pytorch_model.bin.index.json", {}, state, "pytorch_model-00001.bin")
+        dist.barrier()
+
     def _load_model(self, folder: Path) -> None:
+        if self.spec.lora:  # _save_peft_model's files, read by every rank
+            self.module.load_state_dict(_read_model_shards(folder), strict=True)
+            update = getattr(self.model, "update_master_params", None)
+            if update:  # low_level_zero: its fp32 master shards from the weights just loaded
+                update()
+            return
         strict = True
         if self.options.plugin == "gemini":
             # Gemini writes a tied weight under each of its names (GPT-2's lm_head.weight beside
@@ -459,6 +484,14 @@ class ColossalBackend(Backend):
         tensors in a temporary sharded checkpoint; rank 0 loads them into a fresh, unsharded model
         and writes it with save_pretrained, so the folder loads without ColossalAI."""
         directory = Path(directory)
+        if self.spec.lora:  # the adapter folder, as the ddp backend writes it (weights are whole on every rank)
+            wait = getattr(self.model, "_force_wait_all_gather", None)
+            if wait:
+                wait()
+            if self.is_main:
+                self.module.save_pretrained(directory, safe_serialization=True)
+            dist.barrier()
+            return
         tmp = directory.parent / f".{directory.name}-gathered"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
