@@ -564,6 +564,8 @@ class DeepSpeedBackend(Backend):
                         p.data.copy_(full.view(p.ds_shape))  # the compute copy; DeepSpeed repartitions it
             else:
                 p.data.copy_(full)  # ZeRO-1/2 keep whole compute weights on every rank
+            if not p.requires_grad:  # a LoRA run's frozen base: no fp32 master, no optimizer state
+                continue
             safe_set_full_fp32_param(p, full.to(self.device))
             for key, value in state.moments[name].items():
                 safe_set_full_optimizer_state(p, value.to(self.device), key)

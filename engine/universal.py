@@ -127,11 +127,14 @@ def read_universal(directory: Path, names: ModelNames, saved: dict, scratch: Pat
     directory = Path(directory)
     source = backend_class(saved["backend"])
     raw, _ = source.read_weights(directory, saved, names.order, names.aliases)
-    weights = {name: _lookup(raw, name, names).float() for name in names.order}
+    # every parameter's weights; moments of those the optimizer steps (a LoRA run's frozen base has none)
+    weights = {name: _lookup(raw, name, names).float() for name in names.shapes}
     moments, step = source.read_moments(directory, names.order, names.aliases, saved, scratch)
     for name, shape in names.shapes.items():
         if tuple(weights[name].shape) != shape:  # TP vocabulary padding the Booster kept, if any
             weights[name] = weights[name][tuple(slice(0, n) for n in shape)].contiguous()
+        if name not in moments:
+            continue
         for key in MOMENTS:
             m = moments[name][key]
             moments[name][key] = (m if m.numel() == weights[name].numel() else

@@ -2,7 +2,7 @@
 ZeRO stage, plugin or TP/PP layout continues from its checkpoint (weights, AdamW moments and
 step, LR schedule, data position), with no flag, saying so in one log line.
 
-Every move below stops a 6-step run at step 2 (its checkpoint), relaunches the same output_dir
+Every move below (LoRA runs' too) stops a 6-step run at step 2 (its checkpoint), relaunches the same output_dir
 under the other layout with the same global batch (grad_accum adjusted to the rank count), and
 compares all 6 per-step losses with an uninterrupted 2-rank DDP run. Step 3's loss checks the
 weights, steps 4-6 the AdamW moments and step count (a reset moment changes the next update).
@@ -54,7 +54,15 @@ MOVES = {
                                ("colossal", {"plugin": "low_level_zero", "zero_stage": 1}, 2), EXACT),
     # DCP reshards by itself: one layout whatever the rank count, native like DDP's
     "fsdp2-to-fsdp1": ("clm", ("fsdp", {}, 2), ("fsdp", {}, 1), EXACT),
+    # LoRA (issue 21): the adapters and their moments move, the frozen base by its weights alone
+    "lora-ddp2-to-zero3": ("lora", ("ddp", {}, 2), ("deepspeed", {"zero_stage": 3}, 2), EXACT),
+    "lora-zero3-to-fsdp2": ("lora", ("deepspeed", {"zero_stage": 3}, 2), ("fsdp", {}, 2), EXACT),
+    "lora-fsdp2-to-col-zero2": ("lora", ("fsdp", {}, 2), ("colossal", {"plugin": "low_level_zero", "zero_stage": 2}, 2),
+                                EXACT),
+    "lora-col-zero2-to-ddp1": ("lora", ("colossal", {"plugin": "low_level_zero", "zero_stage": 2}, 2), ("ddp", {}, 1),
+                               EXACT),
 }
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 NATIVE = {"ddp2-to-ddp1", "fsdp2-to-fsdp1"}  # the same layout: loaded from the native files, no layout line
 
@@ -68,8 +76,12 @@ def _config(task, model, data, out, backend, options, ranks, **train) -> dict:
     tp_pp = options.get("tp_size", 1) * options.get("pp_size", 1)
     dp = ranks // tp_pp
     # a linear schedule with warm-up: a schedule not set to the resumed step changes the losses
-    return config(task, model, data, out, backend, options, steps=STEPS, save_every=STOP, scheduler="linear",
-                  warmup_ratio=0.34, micro_batch_size=4, grad_accum=2 // dp, **train)
+    cfg = config("clm" if task == "lora" else task, model, data, out, backend, options, steps=STEPS, save_every=STOP,
+                 scheduler="linear", warmup_ratio=0.34, micro_batch_size=4, grad_accum=2 // dp, **train)
+    if task == "lora":  # causal LM with LoRA adapters (a larger lr: the adapters start at zero)
+        cfg["model"]["lora"] = dict(LORA)
+        cfg["train"]["lr"] = 2e-2
+    return cfg
 
 
 def _ds_first(scenarios: list[dict]) -> list[dict]:
@@ -97,7 +109,7 @@ class _Scenarios:
     def round_1(self) -> list[dict]:
         """2 ranks: the runs that are stopped, the uninterrupted references, and bf16 (the GPU case:
         ZeRO-1 on 2 ranks -> ZeRO-2 on 1, against an uninterrupted ZeRO-1 bf16 run)."""
-        refs = [self._config(task, f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls")]
+        refs = [self._config(task, f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls", "lora")]
         bf16 = [self._config("clm", "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 1}, 2, precision="bf16",
                              stop_at_step=STOP),
                 self._config("clm", "ref-bf16-zero1", "deepspeed", {"zero_stage": 1}, 2, precision="bf16")]
