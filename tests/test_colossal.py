@@ -397,6 +397,9 @@ def test_compat_gaps_still_exist():
     assert hasattr(copy, "_padding_dim") and not hasattr(copy, "_unpad_detach")
     with pytest.raises(AttributeError):
         orig["_hijack_back_detach_and_clone"](copy)
+    assert orig["modeling_llama.StaticCache"] is None  # transformers 5 dropped it; ColossalAI's llama imports it
+    import colossalai.shardformer.modeling.llama as col_llama
+    assert "StaticCache" in inspect.getsource(col_llama).split("\n\n\n")[0]
     assert set(compat.PATCHES) >= {"cpu_accelerator.synchronize", "low_level_zero.sanity_check",
                                    "checkpoint.tp_partition_dim", "hybrid.grad_norm_fused_qkv"}
 

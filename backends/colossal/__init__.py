@@ -162,8 +162,11 @@ class ColossalBackend(Backend):
     def check_model_config(cls, model_config, spec, options, world_size=None) -> None:
         if options.plugin != "hybrid":
             return
-        from backends.colossal.gpt2_policy import check_config
-        check_config(model_config, spec.task, options.tp_size, options.pp_size)
+        from backends.colossal import decoder_policy, gpt2_policy
+        if getattr(model_config, "model_type", None) in decoder_policy.FAMILIES:
+            decoder_policy.check_config(model_config, options.tp_size, options.pp_size)
+        else:
+            gpt2_policy.check_config(model_config, spec.task, options.tp_size, options.pp_size)
 
     @classmethod
     def init_distributed(cls, timeout_s: float = 600) -> None:
@@ -259,8 +262,13 @@ class ColossalBackend(Backend):
         self.build_model = build_model
         module = build_model()
         if self.options.plugin == "hybrid":
-            from backends.colossal.gpt2_policy import check_model
-            check_model(module, self.options.tp_size)
+            from backends.colossal import decoder_policy, gpt2_policy
+            model_type = getattr(module.config, "model_type", None)
+            if model_type in decoder_policy.FAMILIES:  # the plugin shards with the family's policy
+                decoder_policy.check_config(module.config, self.options.tp_size, self.options.pp_size)
+                self.plugin.custom_policy = decoder_policy.policy_for(self.spec.task, model_type)
+            else:
+                gpt2_policy.check_model(module, self.options.tp_size)
         if self.options.plugin == "gemini":  # GeminiOptimizer accepts ColossalAI's Adam kernels only
             from colossalai.nn.optimizer import HybridAdam
             optim = HybridAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas,

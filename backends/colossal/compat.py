@@ -47,6 +47,11 @@ PATCHES = {
     "padded_tensor.unpad_copy":
         "to_unpadded_tensor on the detached copy the checkpoint sharder makes of a padded parameter (vocab "
         "padding under PP) raises AttributeError: the copy lacks the saved methods -> restore only those present",
+    "llama.static_cache_import":
+        "shardformer/modeling/llama.py imports StaticCache from transformers' modeling_llama (gone in "
+        "transformers 5), so the stock Llama policy the engine's tensor-parallel Llama policy builds on cannot be "
+        "imported -> the name points to transformers.cache_utils.StaticCache (used by 4.51 forwards the engine "
+        "does not run)",
     "qkv_fused.gather_cuda":
         "shardformer's fused-QKV gather (save_model after TP) calls .cuda() -> stays on the tensor's device "
         "without CUDA",
@@ -66,6 +71,7 @@ def apply() -> None:
     _patch_tp_partition_dim()
     _patch_grad_norm_sharded()
     _patch_padded_unpad()
+    _patch_llama_static_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,3 +190,12 @@ def _patch_padded_unpad() -> None:
         return original(ptensor)
 
     padded._hijack_back_detach_and_clone = hijack_back
+
+
+def _patch_llama_static_cache() -> None:
+    import transformers.models.llama.modeling_llama as modeling_llama
+    from transformers.cache_utils import StaticCache
+
+    ORIGINALS["modeling_llama.StaticCache"] = getattr(modeling_llama, "StaticCache", None)
+    if ORIGINALS["modeling_llama.StaticCache"] is None:
+        modeling_llama.StaticCache = StaticCache
