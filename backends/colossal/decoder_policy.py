@@ -13,7 +13,7 @@ parallelism for these families is not here (the engine refuses pp_size > 1 for t
 """
 from __future__ import annotations
 
-from backends.colossal.gpt2_policy import _lm_head_and_loss
+from backends.colossal.gpt2_policy import lm_head_and_loss
 from backends.errors import EngineError
 
 FAMILIES = ("llama", "qwen2", "mistral")
@@ -22,7 +22,7 @@ FAMILIES = ("llama", "qwen2", "mistral")
 def lm_forward(self, input_ids=None, attention_mask=None, labels=None, shard_config=None, **_):
     """The family's CausalLM forward: its own (sharded) base model, then the vocabulary-parallel head and loss."""
     hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return _lm_head_and_loss(self, hidden, labels, shard_config)
+    return lm_head_and_loss(self, hidden, labels, shard_config)
 
 
 def policy_for(task: str, model_type: str):

@@ -106,7 +106,7 @@ def full_logits(lm_head, logits: torch.Tensor, shard_config) -> torch.Tensor:
     return torch.cat(parts, dim=-1)[..., : lm_head.old_num_embeddings]
 
 
-def _lm_head_and_loss(model, hidden, labels, shard_config):
+def lm_head_and_loss(model, hidden, labels, shard_config):
     from colossalai.shardformer.layer import dist_cross_entropy
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
@@ -127,7 +127,7 @@ def lm_forward(self, input_ids=None, attention_mask=None, labels=None, hidden_st
                                 stage_manager, stage_index)
     if stage_manager is not None and not stage_manager.is_last_stage():
         return {"hidden_states": hidden}
-    return _lm_head_and_loss(self, hidden, labels, shard_config)
+    return lm_head_and_loss(self, hidden, labels, shard_config)
 
 
 def classification_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
