@@ -410,6 +410,11 @@ class DeepSpeedBackend(Backend):
         from datetime import timedelta
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            # DeepSpeed's CPU comm layer JIT-builds a shared-memory all-reduce op (deepspeed_shm_comm) as it
+            # starts, 30 s on 2 cores in every new environment, for inference_all_reduce only (AutoTP
+            # inference); training's collectives are torch.distributed's. Its own table says it is not here.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # joins the torch process group (or wraps one a caller made) and builds DeepSpeed's comm layer
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=timedelta(seconds=timeout_s))
