@@ -25,10 +25,10 @@ Sources, per row (the `source` field says which):
   DDP/torch_ddp keep fp32 weights under autocast (the 2 "cast" bytes are autocast's bf16 weight
   copies) and a gradient bucket copy when N > 1 (torch_ddp also on one rank: it always wraps).
   DeepSpeed ZeRO 1-3 add their reduce buffer, allocated whole: reduce_bucket_size (5e8 elements
-  by default) in the weights' width, 954 MiB in 16 bits, whatever the model's size. DeepSpeed/ColossalAI ZeRO keep an fp32 master
-  copy of their partition even in fp32 runs (12 = master 4 + Adam moments 8). Offload moves the
-  optimizer (and with +offload on ZeRO-3 also the parameters) to host memory, per node, with
-  DeepSpeed's buffer factor 1.5.
+  by default) in the weights' width, 954 MiB in 16 bits, whatever the model's size.
+  DeepSpeed/ColossalAI ZeRO keep an fp32 master copy of their partition even in fp32 runs (12 =
+  master 4 + Adam moments 8). Offload moves the optimizer (and with +offload on ZeRO-3 also the
+  parameters) to host memory, per node, with DeepSpeed's buffer factor 1.5.
 
 QLoRA (`quantized=True`, with lora_trainable): on the rows whose backend keeps bitsandbytes' 4-bit
 layers, the base's linear weights at QUANT_BYTES_PER_WEIGHT (+ QUANT_BYTES_PER_LAYER), the rest of

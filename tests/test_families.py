@@ -56,7 +56,8 @@ def _config(model: Path, out: Path, backend: str, task: str = "clm", *extra: str
             ["task=classification", f"data.train={MRPC}", "data.glue_task=mrpc", "data.block_size=64",
              "data.max_train_samples=64", "data.max_eval_samples=8"])
     return load_config(None, [f"model.name_or_path={model}", *data, f"train.max_steps={STEPS}",
-                              "train.micro_batch_size=2", *BACKENDS[backend], "train.lr=2e-3", "train.max_grad_norm=0.5",
+                              "train.micro_batch_size=2", *BACKENDS[backend],  # col-tp2 overrides the batch
+                              "train.lr=2e-3", "train.max_grad_norm=0.5",
                               "train.log_every=1", "train.adamw_impl=for_loop", "train.eval_batch_size=4",
                               f"output_dir={out}", *extra]).to_dict()
 
@@ -119,26 +120,24 @@ def test_a_tensor_parallel_qwen2_resumes_exactly_and_exports_unpadded(runs, tmp_
     """Qwen2 (tied embeddings) under tp=2 pads GPT-2's 50257-token vocabulary to 50304 (ColossalAI
     #6167 is about checkpoints of such a vocabulary): stopped at step 2 and relaunched it gives the
     uninterrupted run's losses, and `engine export` of its checkpoint is the run's own model/."""
+    assert losses(runs / "qwen2-col-tp2-resumed") == losses(runs / "qwen2-col-tp2")
+    model = _export_equals_the_runs_model(runs / "qwen2-col-tp2", tmp_path / "out")
+    assert model["model.embed_tokens.weight"].shape[0] == 50257
+
+
+def _export_equals_the_runs_model(run: Path, out: Path) -> dict:
+    """engine export of the run's final checkpoint is its own model/ export, tensor for tensor."""
     import torch
     from safetensors.torch import load_file
     from engine.export import export_checkpoint
-    assert losses(runs / "qwen2-col-tp2-resumed") == losses(runs / "qwen2-col-tp2")
-    run = runs / "qwen2-col-tp2"
-    export_checkpoint(run / "checkpoints" / f"step-{STEPS}", tmp_path / "out")
-    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    export_checkpoint(run / "checkpoints" / f"step-{STEPS}", out)
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert want["model.embed_tokens.weight"].shape[0] == 50257
+    return want
 
 
 def test_a_zero3_llama_checkpoint_exports_to_plain_transformers(runs, tmp_path):
-    """engine export of the ZeRO-3 Llama run's final checkpoint equals its own model/ export."""
-    import torch
-    from safetensors.torch import load_file
-    from engine.export import export_checkpoint
-    run = runs / "llama-zero3"
-    export_checkpoint(run / "checkpoints" / f"step-{STEPS}", tmp_path / "out")
-    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    _export_equals_the_runs_model(runs / "llama-zero3", tmp_path / "out")
 
 
 @pytest.mark.fast

@@ -133,7 +133,8 @@ def test_a_resumed_lora_run_continues_exactly(job, variant):
     assert losses(root / f"clm-{variant}-resumed") == losses(root / f"clm-{variant}")
     assert any("resumed from step-2" in ln for ln in scenario_log(log, root / f"clm-{variant}-resumed")[-1])
     key = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
-    assert _adapter(root / f"clm-{variant}-resumed" / "model")[key].equal(_adapter(root / f"clm-{variant}" / "model")[key])
+    resumed, uninterrupted = (_adapter(root / f"clm-{variant}{suffix}" / "model") for suffix in ("-resumed", ""))
+    assert resumed[key].equal(uninterrupted[key])
 
 
 def _logits(model, vocab: int):

@@ -131,6 +131,15 @@ def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
     return reason
 
 
+def _check_hybrid_config(conf, task: str, options: ColossalOptions) -> None:
+    """What the hybrid plugin needs of the model (its family's policy module says), from its config."""
+    from backends.colossal import decoder_policy, gpt2_policy
+    if getattr(conf, "model_type", None) in decoder_policy.FAMILIES:
+        decoder_policy.check_config(conf, options.tp_size, options.pp_size)
+    else:
+        gpt2_policy.check_config(conf, task, options.tp_size, options.pp_size)
+
+
 def _cpu_only_reason(options: ColossalOptions) -> str | None:
     if torch.cuda.is_available():
         return None
@@ -162,11 +171,7 @@ class ColossalBackend(Backend):
     def check_model_config(cls, model_config, spec, options, world_size=None) -> None:
         if options.plugin != "hybrid":
             return
-        from backends.colossal import decoder_policy, gpt2_policy
-        if getattr(model_config, "model_type", None) in decoder_policy.FAMILIES:
-            decoder_policy.check_config(model_config, options.tp_size, options.pp_size)
-        else:
-            gpt2_policy.check_config(model_config, spec.task, options.tp_size, options.pp_size)
+        _check_hybrid_config(model_config, spec.task, options)
 
     @classmethod
     def init_distributed(cls, timeout_s: float = 600) -> None:
@@ -262,13 +267,10 @@ class ColossalBackend(Backend):
         self.build_model = build_model
         module = build_model()
         if self.options.plugin == "hybrid":
-            from backends.colossal import decoder_policy, gpt2_policy
-            model_type = getattr(module.config, "model_type", None)
-            if model_type in decoder_policy.FAMILIES:  # the plugin shards with the family's policy
-                decoder_policy.check_config(module.config, self.options.tp_size, self.options.pp_size)
-                self.plugin.custom_policy = decoder_policy.policy_for(self.spec.task, model_type)
-            else:
-                gpt2_policy.check_model(module, self.options.tp_size)
+            from backends.colossal import decoder_policy
+            _check_hybrid_config(module.config, self.spec.task, self.options)  # also for runs not started by launch
+            if module.config.model_type in decoder_policy.FAMILIES:  # the plugin shards with the family's policy
+                self.plugin.custom_policy = decoder_policy.policy_for(self.spec.task, module.config.model_type)
         if self.options.plugin == "gemini":  # GeminiOptimizer accepts ColossalAI's Adam kernels only
             from colossalai.nn.optimizer import HybridAdam
             optim = HybridAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas,
@@ -394,15 +396,18 @@ class ColossalBackend(Backend):
         as the ddp backend writes it, in the Booster's shard layout. ColossalAI's own save_model shows
         a PEFT model as its base without the adapters. torch_ddp and low_level_zero keep every weight
         whole on every rank: rank 0 writes."""
-        wait = getattr(self.model, "_force_wait_all_gather", None)
-        if wait:  # low_level_zero may still be gathering the weights of the last step
-            wait()
+        self._wait_for_weights()
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
             torch.save(state, folder / "pytorch_model-00001.bin")
             _write_index(folder / "pytorch_model.bin.index.json", {}, state, "pytorch_model-00001.bin")
         dist.barrier()
+
+    def _wait_for_weights(self) -> None:
+        wait = getattr(self.model, "_force_wait_all_gather", None)
+        if wait:  # low_level_zero may still be gathering the weights of the last step
+            wait()
 
     def _load_model(self, folder: Path) -> None:
         if self.spec.lora:  # _save_peft_model's files, read by every rank
@@ -493,9 +498,7 @@ class ColossalBackend(Backend):
         and writes it with save_pretrained, so the folder loads without ColossalAI."""
         directory = Path(directory)
         if self.spec.lora:  # the adapter folder, as the ddp backend writes it (weights are whole on every rank)
-            wait = getattr(self.model, "_force_wait_all_gather", None)
-            if wait:
-                wait()
+            self._wait_for_weights()
             if self.is_main:
                 self.module.save_pretrained(directory, safe_serialization=True)
             dist.barrier()

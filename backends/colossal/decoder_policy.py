@@ -40,9 +40,7 @@ def policy_for(task: str, model_type: str):
     model_cls = getattr(classes, f"{names[model_type]}{kind}")
 
     class Policy(base):
-        def module_policy(self):
-            if self.pipeline_stage_manager is not None:
-                raise EngineError(f"backend.colossal.pp_size > 1 is not supported for {model_type} models")
+        def module_policy(self):  # tensor parallel only: check_config refuses pipeline stages
             policy = super().module_policy()
             for description in policy.values():  # transformers 5's own forwards run sharded as they are
                 description.method_replacement = None

@@ -51,17 +51,6 @@ def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
                           f"pipeline stage needs at least one (use pp_size <= {layers})")
 
 
-def check_model(model, tp_size: int) -> None:
-    name = type(model).__name__
-    wanted = {"GPT2LMHeadModel", "GPT2ForSequenceClassification"}
-    if name not in wanted:
-        raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2 models ({', '.join(sorted(wanted))}); "
-                          f"got {name} (use plugin=torch_ddp or low_level_zero for other architectures)")
-    heads = model.config.num_attention_heads
-    if heads % tp_size:
-        raise EngineError(f"backend.colossal.tp_size={tp_size} must divide the model's {heads} attention heads")
-
-
 # --------------------------------------------------------------------------------------------
 # forwards
 # --------------------------------------------------------------------------------------------
