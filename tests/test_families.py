@@ -4,10 +4,10 @@ tokenizer, saved and loaded through from_pretrained), on CPU, 2 processes, fp32.
 
 Every run is a scenario of the session's shared torchrun job (conftest.py): each family's causal-LM
 losses on DeepSpeed ZeRO-3 and ColossalAI low_level_zero equal DDP's within 1e-6, and under
-ColossalAI tensor parallelism (tp=2, decoder_policy.py) within 2e-6; Llama's classification on ZeRO-2
-and tp=2 too, and a Llama LoRA run on ZeRO-3 equals its DDP run. A tensor-parallel Qwen2 run (tied
-head, padded vocabulary) resumes exactly and exports. Pipeline stages are GPT-2 only here: they are
-refused for the other families before any process starts.
+ColossalAI tensor parallelism (tp=2) and two pipeline stages (pp=2, decoder_policy.py) within 2e-6;
+Llama's classification on ZeRO-2, tp=2 and pp=2 too, and a Llama LoRA run on ZeRO-3 equals its DDP
+run. Qwen2 and Mistral attend through sliding windows shorter than the blocks. A Qwen2 run (tied
+head, padded vocabulary) under tp=2 and under pp=2 resumes exactly and exports.
 """
 from __future__ import annotations
 
@@ -28,12 +28,20 @@ BACKENDS = {"ddp": ["backend.name=ddp"],
                           "backend.colossal.zero_stage=2"],
             # tensor parallelism over both ranks: one data-parallel rank, so twice the micro-batch
             "col-tp2": ["backend.name=colossal", "backend.colossal.plugin=hybrid", "backend.colossal.tp_size=2",
-                        "train.micro_batch_size=4"]}
+                        "train.micro_batch_size=4"],
+            # two pipeline stages, one layer each, two micro-batches per step
+            "col-pp2": ["backend.name=colossal", "backend.colossal.plugin=hybrid", "backend.colossal.pp_size=2",
+                        "backend.colossal.microbatches=2", "train.micro_batch_size=4"]}
+SLIDING = {"qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+           "mistral": {"sliding_window": 8}}
 REORDERED = 2e-6  # TP sums partial matmuls and the vocabulary-parallel softmax in another order (test_colossal.py)
 
 
 def family_dir(root: Path, family: str) -> Path:
-    """A tiny model of the family (2 layers, 4 heads, 2 key/value heads), saved with the GPT-2 tokenizer."""
+    """A tiny model of the family (2 layers, 4 heads, 2 key/value heads), saved with the GPT-2 tokenizer.
+    Qwen2 and Mistral attend through an 8-token sliding window (the runs' blocks are 32 tokens): every
+    Mistral layer, and Qwen2's second layer only (max_window_layers=1), so a stage that builds a layer's
+    mask by its index within the stage rather than in the whole model shows."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Tokenizer
     path = root / f"tiny-{family}"
@@ -43,7 +51,8 @@ def family_dir(root: Path, family: str) -> Path:
     conf = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                tie_word_embeddings=family == "qwen2")  # one tied, two untied heads
+                                tie_word_embeddings=family == "qwen2",  # one tied, two untied heads
+                                **SLIDING.get(family, {}))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(conf).save_pretrained(path)
     tok.save_pretrained(path)
@@ -71,15 +80,18 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     out = []
     for family in FAMILIES:
         path = family_dir(root / "models", family)
-        for backend in ("ddp", "zero3", *(["col-zero2", "col-tp2"] if _colossal() else [])):
+        for backend in ("ddp", "zero3", *(["col-zero2", "col-tp2", "col-pp2"] if _colossal() else [])):
             out.append(_config(path, root / f"{family}-{backend}", backend))
     llama = family_dir(root / "models", "llama")
-    out += [_config(llama, root / f"llama-cls-{b}", b, "cls") for b in ("ddp", "zero2",
-                                                                         *(["col-tp2"] if _colossal() else []))]
-    if _colossal():  # Qwen2 under TP: tied head, GPT-2's 50257-token vocabulary padded to 50304; stopped, resumed
-        qwen2, resumed = family_dir(root / "models", "qwen2"), root / "qwen2-col-tp2-resumed"
-        out += [_config(qwen2, resumed, "col-tp2", "clm", "train.stop_at_step=2", "train.save_every=2"),
-                _config(qwen2, resumed, "col-tp2", "clm", "train.save_every=2")]
+    out += [_config(llama, root / f"llama-cls-{b}", b, "cls")
+            for b in ("ddp", "zero2", *(["col-tp2", "col-pp2"] if _colossal() else []))]
+    if _colossal():  # Qwen2's tied head, GPT-2's 50257-token vocabulary padded to 50304, under TP and across
+        # two pipeline stages (the embedding on the first, the head on the last): stopped, resumed
+        qwen2 = family_dir(root / "models", "qwen2")
+        for backend in ("col-tp2", "col-pp2"):
+            resumed = root / f"qwen2-{backend}-resumed"
+            out += [_config(qwen2, resumed, backend, "clm", "train.stop_at_step=2", "train.save_every=2"),
+                    _config(qwen2, resumed, backend, "clm", "train.save_every=2")]
     lora = ("model.lora.r=4", "model.lora.dropout=0.0")
     out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora) for b in ("ddp", "zero3")]
     return out
@@ -96,32 +108,37 @@ def _close(got, want, what, tol=EXACT):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("backend", ["zero3", "col-zero2", "col-tp2"])
+@pytest.mark.parametrize("backend", ["zero3", "col-zero2", "col-tp2", "col-pp2"])
 def test_each_family_trains_like_ddp(runs, family, backend):
     """col-tp2: ColossalAI's tensor parallelism (tp=2, grouped-query attention: 4 query heads and 2
-    key/value heads, 2 and 1 per rank), within the TP tolerance (measured 1.4e-6, 1.5 float32 ulps)."""
+    key/value heads, 2 and 1 per rank), within the TP tolerance (measured 1.4e-6, 1.5 float32 ulps).
+    col-pp2: two pipeline stages (decoder_policy's stage forward, sliding-window masks included),
+    whose step loss is the float32 mean of two micro-batches' (measured 9.5e-7)."""
     if backend.startswith("col") and not _colossal():
         pytest.skip("colossalai not installed")
     _close(losses(runs / f"{family}-{backend}"), losses(runs / f"{family}-ddp"), f"{family} {backend}",
-           REORDERED if backend == "col-tp2" else EXACT)
+           REORDERED if backend in ("col-tp2", "col-pp2") else EXACT)
     assert losses(runs / f"{family}-ddp")[-1] < losses(runs / f"{family}-ddp")[0]
 
 
 def test_llama_classification_and_lora(runs):
     _close(losses(runs / "llama-cls-zero2"), losses(runs / "llama-cls-ddp"), "llama classification zero2")
     if _colossal():
-        _close(losses(runs / "llama-cls-col-tp2"), losses(runs / "llama-cls-ddp"), "llama classification tp2",
-               REORDERED)
+        for backend in ("col-tp2", "col-pp2"):
+            _close(losses(runs / f"llama-cls-{backend}"), losses(runs / "llama-cls-ddp"),
+                   f"llama classification {backend}", REORDERED)
     _close(losses(runs / "llama-lora-zero3"), losses(runs / "llama-lora-ddp"), "llama LoRA zero3")
 
 
 @pytest.mark.skipif(not _colossal(), reason="colossalai not installed")
-def test_a_tensor_parallel_qwen2_resumes_exactly_and_exports_unpadded(runs, tmp_path):
-    """Qwen2 (tied embeddings) under tp=2 pads GPT-2's 50257-token vocabulary to 50304 (ColossalAI
-    #6167 is about checkpoints of such a vocabulary): stopped at step 2 and relaunched it gives the
-    uninterrupted run's losses, and `engine export` of its checkpoint is the run's own model/."""
-    assert losses(runs / "qwen2-col-tp2-resumed") == losses(runs / "qwen2-col-tp2")
-    model = _export_equals_the_runs_model(runs / "qwen2-col-tp2", tmp_path / "out")
+@pytest.mark.parametrize("backend", ["col-tp2", "col-pp2"])
+def test_a_hybrid_parallel_qwen2_resumes_exactly_and_exports_unpadded(runs, tmp_path, backend):
+    """Qwen2 (tied embeddings) under tp=2, or split over two pipeline stages (the tied weight on the
+    first and the last), pads GPT-2's 50257-token vocabulary to 50304 (ColossalAI #6167 is about
+    checkpoints of such a vocabulary): stopped at step 2 and relaunched it gives the uninterrupted
+    run's losses, and `engine export` of its checkpoint is the run's own model/."""
+    assert losses(runs / f"qwen2-{backend}-resumed") == losses(runs / f"qwen2-{backend}")
+    model = _export_equals_the_runs_model(runs / f"qwen2-{backend}", tmp_path / "out")
     assert model["model.embed_tokens.weight"].shape[0] == 50257
 
 
@@ -143,7 +160,7 @@ def test_a_zero3_llama_checkpoint_exports_to_plain_transformers(runs, tmp_path):
 @pytest.mark.fast
 @pytest.mark.parametrize("family", FAMILIES)
 def test_what_hybrid_parallel_cannot_do_for_a_family_is_refused_before_launch(tmp_path, family):
-    """Pipeline stages (GPT-2 only here) and a tp_size that does not divide the key/value heads: one
+    """More pipeline stages than layers, and a tp_size that does not divide the key/value heads: one
     line each from the CLI, before any process starts."""
     pytest.importorskip("colossalai")
     from click.testing import CliRunner
@@ -155,10 +172,10 @@ def test_what_hybrid_parallel_cannot_do_for_a_family_is_refused_before_launch(tm
                                          "backend.colossal.plugin=hybrid", *extra, f"model.name_or_path={model}",
                                          f"data.train={SHAKESPEARE}", "data.block_size=32", "data.max_train_samples=16",
                                          f"output_dir={tmp_path / 'run'}"])
-    result = launch("backend.colossal.pp_size=2", "backend.colossal.microbatches=2")
+    result = launch("backend.colossal.pp_size=4", "backend.colossal.microbatches=4")
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        f"error: backend.colossal.pp_size=2: pipeline parallelism supports GPT-2 models here; got model_type "
-        f"{family!r} (use tp_size for {family}, or plugin=low_level_zero)"], result.output
+        "error: backend.colossal.pp_size=4 is more than the model's 2 layers: every pipeline stage needs at least "
+        "one (use pp_size <= 2)"], result.output
     result = launch("backend.colossal.tp_size=4")
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: backend.colossal.tp_size=4 must divide the model's 4 attention heads and its 2 key/value heads "

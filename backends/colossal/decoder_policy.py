@@ -1,5 +1,5 @@
-"""Tensor parallelism for today's decoder families (Llama, Qwen2, Mistral) under transformers 5,
-given to `HybridParallelPlugin(custom_policy=...)`.
+"""Tensor and pipeline parallelism for today's decoder families (Llama, Qwen2, Mistral) under
+transformers 5, given to `HybridParallelPlugin(custom_policy=...)`.
 
 ColossalAI 0.5.0's stock policies for these families shard the right modules (q/k/v, gate/up as
 column-parallel, o/down as row-parallel, the vocabulary-parallel embedding and head) but also swap
@@ -8,21 +8,79 @@ transformers 5 the families' own forwards already run sharded: attention reshape
 `(-1, head_dim)`, so it follows the per-rank head count, and `num_key_value_groups` (query heads
 per key/value head) is the same on every rank when tp divides both. So this module keeps the stock
 module replacements, drops every forward replacement, and gives the causal LM the forward the GPT-2
-policy uses: the loss by `dist_cross_entropy` over the vocabulary-parallel logits. Pipeline
-parallelism for these families is not here (the engine refuses pp_size > 1 for them before launch).
+policy uses: the loss by `dist_cross_entropy` over the vocabulary-parallel logits.
+
+Pipeline stages keep the stock policies' layer split, held layers and tied-embedding sharing, with
+the stage forward here (`_decoder_stage`) in place of ColossalAI's 4.51 one: the first stage embeds,
+every stage builds the masks its layers need (full causal, or a sliding window: Mistral's for every
+layer when `sliding_window` is set, Qwen2's per layer from `config.layer_types`, by the layer's index
+in the whole model) and the rotary embeddings, runs its layers, and the last applies the final norm
+and the head. It calls the layers and mask builders with the arguments transformers 5.17 and 5.24
+name alike (no cache, passed by position).
 """
 from __future__ import annotations
 
-from backends.colossal.gpt2_policy import lm_head_and_loss
+import torch
+
+from backends.colossal.gpt2_policy import lm_head_and_loss, pool_and_classify
 from backends.errors import EngineError
 
 FAMILIES = ("llama", "qwen2", "mistral")
 
 
-def lm_forward(self, input_ids=None, attention_mask=None, labels=None, shard_config=None, **_):
-    """The family's CausalLM forward: its own (sharded) base model, then the vocabulary-parallel head and loss."""
-    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+def attention_kind(config, index: int) -> str:
+    """Which mask layer `index` of the whole model attends with, as the family's own model forward decides."""
+    if config.model_type == "qwen2":
+        return config.layer_types[index]
+    if config.model_type == "mistral" and config.sliding_window is not None:
+        return "sliding_attention"
+    return "full_attention"
+
+
+def _decoder_stage(base, input_ids, attention_mask, hidden_states, stage_manager, stage_index):
+    """The family's base-model forward for the layers this pipeline stage holds."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if stage_manager.is_first_stage():
+        hidden_states = base.embed_tokens(input_ids)
+    batch, length = hidden_states.shape[:2]
+    position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+    if attention_mask is not None and attention_mask.ndim < 4:
+        attention_mask = attention_mask.view(batch, -1)
+    start, end = stage_index
+    kinds = [attention_kind(base.config, i) for i in range(start, end)]
+    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {kind: builders[kind](base.config, hidden_states, attention_mask, None, position_ids=position_ids)
+             for kind in set(kinds)}
+    position_embeddings = base.rotary_emb(hidden_states, position_ids)
+    for layer, kind in zip(base.layers[start:end], kinds):
+        hidden_states = layer(hidden_states, attention_mask=masks[kind], position_ids=position_ids,
+                              position_embeddings=position_embeddings)
+    if stage_manager.is_last_stage():
+        hidden_states = base.norm(hidden_states)
+    return hidden_states
+
+
+def lm_forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, stage_manager=None,
+               stage_index=None, shard_config=None, **_):
+    """The family's CausalLM forward, whole (its own sharded base model) or one pipeline stage, then the
+    vocabulary-parallel head and loss."""
+    if stage_manager is None:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        hidden = _decoder_stage(self.model, input_ids, attention_mask, hidden_states, stage_manager, stage_index)
+        if not stage_manager.is_last_stage():
+            return {"hidden_states": hidden}
     return lm_head_and_loss(self, hidden, labels, shard_config)
+
+
+def classification_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
+                              stage_manager=None, stage_index=None, **_):
+    """The family's SequenceClassification forward for one pipeline stage (without stages its own runs)."""
+    hidden = _decoder_stage(self.model, input_ids, attention_mask, hidden_states, stage_manager, stage_index)
+    if not stage_manager.is_last_stage():
+        return {"hidden_states": hidden}
+    return pool_and_classify(self, self.score(hidden), input_ids, labels)
 
 
 def policy_for(task: str, model_type: str):
@@ -40,7 +98,7 @@ def policy_for(task: str, model_type: str):
     model_cls = getattr(classes, f"{names[model_type]}{kind}")
 
     class Policy(base):
-        def module_policy(self):  # tensor parallel only: check_config refuses pipeline stages
+        def module_policy(self):
             policy = super().module_policy()
             for description in policy.values():  # transformers 5's own forwards run sharded as they are
                 description.method_replacement = None
@@ -65,6 +123,10 @@ def policy_for(task: str, model_type: str):
                         suffix="lm_head", target_module=col_nn.VocabParallelLMHead1D if tp else col_nn.PaddingLMHead,
                         kwargs=kwargs),
                     policy=policy, target_key=key)
+            if self.pipeline_stage_manager is not None:  # the stock split into stages, with this module's forward
+                forward = lm_forward if task == "causal_lm" else classification_forward_pp
+                self.set_pipeline_forward(model_cls=key, new_forward=forward, policy=policy)
+            elif task == "causal_lm":
                 self.append_or_create_method_replacement(
                     description={"forward": partial(lm_forward, shard_config=self.shard_config)},
                     policy=policy, target_key=key)
@@ -74,11 +136,11 @@ def policy_for(task: str, model_type: str):
 
 
 def check_config(conf, tp_size: int, pp_size: int) -> None:
-    """What tensor parallelism needs of a family model, from its config (before any process starts)."""
-    family = conf.model_type
-    if pp_size > 1:
-        raise EngineError(f"backend.colossal.pp_size={pp_size}: pipeline parallelism supports GPT-2 models here; "
-                          f"got model_type {family!r} (use tp_size for {family}, or plugin=low_level_zero)")
+    """What tensor and pipeline parallelism need of a family model, from its config (before any process starts)."""
+    layers = conf.num_hidden_layers
+    if pp_size > layers:
+        raise EngineError(f"backend.colossal.pp_size={pp_size} is more than the model's {layers} layers: every "
+                          f"pipeline stage needs at least one (use pp_size <= {layers})")
     heads = conf.num_attention_heads
     kv = getattr(conf, "num_key_value_heads", None) or heads
     if heads % tp_size or kv % tp_size:

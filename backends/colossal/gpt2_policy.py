@@ -70,8 +70,8 @@ def _transformer_stage(t, input_ids, attention_mask, hidden_states, stage_manage
         position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
     if attention_mask is not None and attention_mask.ndim < 4:
         attention_mask = attention_mask.view(batch, -1)
-    mask = create_causal_mask(config=t.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
+    # no cache, passed by position: transformers 5.2x renamed that argument past_key_values -> cache
+    mask = create_causal_mask(t.config, hidden_states, attention_mask, None, position_ids=position_ids)
     start, end = stage_index if stage_index is not None else (0, len(t.h))
     for block in t.h[start:end]:
         hidden_states = block(hidden_states, None, mask, None, use_cache=False, position_ids=position_ids)
@@ -121,27 +121,32 @@ def lm_forward(self, input_ids=None, attention_mask=None, labels=None, hidden_st
 
 def classification_forward_pp(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None,
                               stage_manager=None, stage_index=None, shard_config=None, **_):
-    from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
     hidden = _transformer_stage(self.transformer, input_ids, attention_mask, hidden_states,
                                 stage_manager, stage_index)
     if not stage_manager.is_last_stage():
         return {"hidden_states": hidden}
-    logits = self.score(hidden)
+    return pool_and_classify(self, self.score(hidden), input_ids, labels)
+
+
+def pool_and_classify(model, logits, input_ids, labels):
+    """A sequence-classification head's output from its per-token logits, as transformers 5 pools them:
+    the rightmost token that is not the pad token (left or right padding), the loss by problem type."""
+    from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
     batch, length = input_ids.shape[:2]
-    if self.config.pad_token_id is None:
+    if model.config.pad_token_id is None:
         last = torch.full((batch,), length - 1, device=logits.device)
-    else:  # transformers 5: the rightmost token that is not the pad token (left or right padding)
-        non_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+    else:
+        non_pad = (input_ids != model.config.pad_token_id).to(logits.device, torch.int32)
         last = (torch.arange(length, device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
     pooled = logits[torch.arange(batch, device=logits.device), last]
     loss = None
     if labels is not None:
-        if self.num_labels == 1:
+        if model.num_labels == 1:
             loss = MSELoss()(pooled.squeeze(), labels.squeeze())
         elif labels.dtype in (torch.long, torch.int):
-            loss = CrossEntropyLoss()(pooled.view(-1, self.num_labels), labels.view(-1))
+            loss = CrossEntropyLoss()(pooled.view(-1, model.num_labels), labels.view(-1))
         else:
             loss = BCEWithLogitsLoss()(pooled, labels)
     return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
