@@ -83,8 +83,14 @@ def _backend_help() -> str:
 def _bench_help() -> str:
     from backends.base import backend_class, backend_names
     forms = [backend_class(n).bench_spec_help or n for n in backend_names()]
-    return (f"comma list of {', '.join(forms)}; any +gc (gradient checkpointing); default: "
-            f"{','.join(_default_bench_specs())}")
+    return (f"comma list of {', '.join(forms)}; any +gc (gradient checkpointing) and @KEY=VALUE config "
+            f"overrides (ddp@model.lora.r=8: a LoRA run); default: {','.join(_default_bench_specs())}")
+
+
+def _models_help() -> str:
+    from engine.flops import ARCHS
+    return (f"comma list of {', '.join(ARCHS)}, gpt2:L=..,d=..,h=..,V=.. or a local HF folder "
+            f"(random init from its config)")
 
 
 def _default_bench_specs() -> list[str]:
@@ -291,8 +297,7 @@ def plot(run_dir, output):
 @click.option("--backends", default=None, cls=RegistryHelp, help_from=_bench_help)
 @click.option("--baselines", default="trainer,hand", show_default=True,
               help="reference runs in the same bench: trainer (HF Trainer), hand (plain PyTorch loop); '' for none")
-@click.option("--models", default="tiny", show_default=True,
-              help="comma list: tiny, micro, gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-neo-1.3B, gpt-neo-2.7B, gpt-j-6B")
+@click.option("--models", default="tiny", show_default=True, cls=RegistryHelp, help_from=lambda: _models_help())
 @click.option("--gpus", type=int, default=None, help="GPUs (one process each); default: all present, 0 = CPU")
 @click.option("--nproc", type=int, default=None, help="CPU processes when --gpus 0 (default 2)")
 @click.option("--seq", type=int, default=128, show_default=True)

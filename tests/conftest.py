@@ -87,16 +87,13 @@ def pytest_runtest_protocol(item, nextitem):
         yield
 
 
-@pytest.fixture(scope="session")
-def launch_reference(tiny_gpt2, tmp_path_factory) -> list[float]:
-    """Per-step losses of the launch tests' tiny job (tests/launching.py) uninterrupted, through the
-    real `engine launch` on one node with 2 processes: trained once, for tests/test_launch.py and
-    tests/test_run_guard.py."""
+@pytest.fixture(scope="module")
+def launch_reference(request, shared_job) -> list[float]:
+    """Per-step losses of the launch tests' tiny job (tests/launching.py) uninterrupted, 2 processes:
+    a scenario of the shared job (the module imports launching.shared_scenarios), which computes as a
+    launch does (one thread per process, the same config), so the launch tests compare for equality."""
     from helpers import losses
-    from launching import STEPS, job, launch_ok
-    out = tmp_path_factory.mktemp("launch-reference") / "run"
-    log = launch_ok(["--gpus", "0", "--nproc", "2", *job(tiny_gpt2, out)], out.parent / "log.txt")
-    assert log.count(f"new run in {out}") == 1, log[-3000:]  # once, by the rank that made the directory
-    got = losses(out)
+    from launching import STEPS, reference_dir
+    got = losses(reference_dir(shared_job.root(request.module.__name__)))
     assert len(got) == STEPS
     return got

@@ -27,6 +27,16 @@ def job(model: Path, out: Path) -> list[str]:
             f"output_dir={out}"]
 
 
+def reference_dir(root: Path) -> Path:
+    return root / "reference"
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """The job uninterrupted (conftest.py launch_reference), in the session's shared 2-process job."""
+    from engine.config import load_config
+    return [load_config(None, job(model, reference_dir(root))).to_dict()]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """ColossalAI backend on CPU (gloo, fp32, dropout 0): per-step loss parity with the DDP backend for
 every plugin that runs on CPU, exact resume, exports that load without ColossalAI, the MRPC use
-case through the real CLI, the one-line errors, and a check per compat.py patch that its upstream
+case, the one-line errors, and a check per compat.py patch that its upstream
 gap still exists.
 
 All 2-process training scenarios run inside the session's shared torchrun job (conftest.py
@@ -58,6 +58,11 @@ TASKS = {
             "data.max_train_samples=64", "data.max_eval_samples=32"),
 }
 RESUMED = {"torch_ddp": "lm", "zero2": "lm", "tp2": "lm", "pp2": "cls"}  # variant -> task, resumed at step 2
+# the seed's use case, as `engine launch --backend colossal KEY=VALUE ...` runs it
+MRPC_USE_CASE = ("task=classification", f"data.train={MRPC}", "data.glue_task=mrpc", "data.block_size=64",
+                 "data.max_train_samples=128", "data.max_eval_samples=64", "train.max_steps=8",
+                 "train.micro_batch_size=8", "train.lr=1e-3", "train.log_every=4",
+                 "backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2")
 
 
 def _scenario(model: Path, out: Path, task: str, variant: str, *extra: str) -> dict:
@@ -84,10 +89,13 @@ def _torchrun(scenarios: list[dict], path: Path, nproc: int = 2, timeout: int = 
 
 def shared_scenarios(root: Path, model: Path) -> list[dict]:
     """Every 2-process scenario of this file, run in the session's shared job (conftest.py)."""
+    from engine.config import load_config
     scenarios = [_scenario(model, root / f"{task}-{variant}", task, variant) for task in TASKS for variant in VARIANTS]
     for variant, task in RESUMED.items():  # stop at step 2, then relaunch into the same output_dir
         out = root / f"{task}-{variant}-resumed"
         scenarios += [_scenario(model, out, task, variant, "train.stop_at_step=2"), _scenario(model, out, task, variant)]
+    scenarios.append(load_config(None, [*MRPC_USE_CASE, f"model.name_or_path={model}", f"output_dir={root / 'mrpc'}"],
+                                 backend="colossal").to_dict())
     return scenarios
 
 
@@ -209,31 +217,34 @@ def _exported_eval(run_dirs: list[Path]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_exports_after_tp_and_pp_load_in_plain_transformers(runs):
-    dirs = [runs / "lm-tp2", runs / "cls-tp2", runs / "lm-pp2", runs / "cls-pp2"]
-    results = _exported_eval(dirs)
-    for d in dirs:
-        logged = metrics(d, "eval")[-1]
-        assert abs(results[str(d)]["eval_loss"] - logged["eval_loss"]) <= EXACT, (d, results[str(d)], logged)
-        if d.name.startswith("cls"):
-            assert (results[str(d)]["accuracy"], results[str(d)]["f1"]) == (logged["accuracy"], logged["f1"])
+EXPORTED = ("lm-tp2", "cls-tp2", "lm-pp2", "cls-pp2", "mrpc")
 
 
-def test_mrpc_end_to_end_through_the_cli(tmp_path, tiny_gpt2):
-    """The seed's use case: GPT-2 sequence classification on MRPC with --backend colossal."""
-    out = tmp_path / "mrpc"
-    run_engine(["launch", "--gpus", "0", "--nproc", "2", "--backend", "colossal", "task=classification",
-                f"model.name_or_path={tiny_gpt2}", f"data.train={MRPC}", "data.glue_task=mrpc",
-                "data.block_size=64", "data.max_train_samples=128", "data.max_eval_samples=64",
-                "train.max_steps=8", "train.micro_batch_size=8", "train.lr=1e-3", "train.log_every=4",
-                "backend.colossal.plugin=low_level_zero", "backend.colossal.zero_stage=2", f"output_dir={out}"])
+@pytest.fixture(scope="module")
+def exported(runs) -> dict:
+    """run name -> eval of its exported model/ in plain transformers (one process for all)."""
+    results = _exported_eval([runs / name for name in EXPORTED])
+    return {Path(d).name: r for d, r in results.items()}
+
+
+def test_exports_after_tp_and_pp_load_in_plain_transformers(runs, exported):
+    for name in EXPORTED[:4]:
+        logged = metrics(runs / name, "eval")[-1]
+        assert abs(exported[name]["eval_loss"] - logged["eval_loss"]) <= EXACT, (name, exported[name], logged)
+        if name.startswith("cls"):
+            assert (exported[name]["accuracy"], exported[name]["f1"]) == (logged["accuracy"], logged["f1"])
+
+
+def test_mrpc_use_case(runs, exported):
+    """The seed's use case: GPT-2 sequence classification on MRPC with --backend colossal (ZeRO-2)."""
+    out = runs / "mrpc"
     final = metrics(out, "eval")[-1]
     assert final["eval_samples"] == 64
     assert len(metrics(out)) == 2 and all(r["loss"] > 0 for r in metrics(out))
     # the logged accuracy/F1 (any value passed a 0..1 range check) are those of the exported model
-    exported = _exported_eval([out])[str(out)]
-    assert abs(exported["eval_loss"] - final["eval_loss"]) <= EXACT, (exported, final)
-    assert (exported["eval_samples"], exported["accuracy"], exported["f1"]) == (64, final["accuracy"], final["f1"])
+    assert abs(exported["mrpc"]["eval_loss"] - final["eval_loss"]) <= EXACT, (exported["mrpc"], final)
+    assert (exported["mrpc"]["eval_samples"], exported["mrpc"]["accuracy"], exported["mrpc"]["f1"]) == \
+        (64, final["accuracy"], final["f1"])
 
 
 def test_gemini_on_cpu_fails_with_one_line(tmp_path, tiny_gpt2):

@@ -1,7 +1,11 @@
 """The device fast path, checked on CPU: the AdamW implementations agree, torch.compile and the
 attention implementations give the losses of the plain path, and keeping losses on the device
-between log steps loses nothing (a log window's loss is the mean of its steps' losses). In-process;
-the plain run is trained once. DeepSpeed's compile path: tests/test_deepspeed.py."""
+between log steps loses nothing (a log window's loss is the mean of its steps' losses). In-process
+(the plain run is trained once), except torch.compile: its 2-rank runs are scenarios of the shared
+job (conftest.py), where DeepSpeed's compile scenario (tests/test_deepspeed.py, first in the job)
+has already paid inductor's start."""
+from pathlib import Path
+
 import pytest
 
 from engine.config import load_config
@@ -17,6 +21,12 @@ def job(model, out, *extra):
                               "data.block_size=32", "data.max_train_samples=96", "train.micro_batch_size=4",
                               f"train.max_steps={STEPS}", "train.lr=1e-3", "train.weight_decay=0.01", "train.log_every=1",
                               "train.save_final=false", f"output_dir={out}", *extra]).to_dict()
+
+
+def shared_scenarios(root: Path, model: Path) -> list[dict]:
+    """DDP on 2 ranks, eager and compiled (no eval: only the training graph is compiled)."""
+    return [job(model, root / label, *extra) for label, extra in
+            (("ddp-eager", ()), ("ddp-compiled", ("train.compile=true",)))]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +63,15 @@ def test_window_loss_is_the_mean_of_its_steps(tiny_gpt2, tmp_path, plain):
     assert windows == pytest.approx([sum(per_step[:3]) / 3, sum(per_step[3:]) / 3], abs=1e-12)
 
 
-def test_compile_gives_the_same_losses(tiny_gpt2, tmp_path, plain):
+def test_compile_gives_the_same_losses(shared_job):
     """torch.compile (inductor, C++ on CPU) fuses elementwise ops and reorders reductions: measured
-    worst per-step difference from eager is 9.5e-7 (one float32 ulp at 10.8); bound 1e-5."""
-    run(job(tiny_gpt2, tmp_path / "compiled", "train.compile=true"))
-    eager, compiled = losses(plain), losses(tmp_path / "compiled")
+    worst per-step difference from eager is 9.5e-7 (one float32 ulp at 10.8); bound 1e-5. DDP on 2
+    ranks: its graph is split at the gradient buckets (DDPOptimizer)."""
+    from drivers.run_many import scenario_log
+    root = shared_job.root(__name__)
+    (logged,) = scenario_log(shared_job.log, root / "ddp-compiled")
+    assert any("'compiled': True" in line for line in logged)
+    eager, compiled = losses(root / "ddp-eager"), losses(root / "ddp-compiled")
     worst = max(abs(a - b) for a, b in zip(eager, compiled))
     assert len(compiled) == STEPS and worst <= 1e-5, f"max |compiled - eager| = {worst:.3g}"
 

@@ -4,7 +4,7 @@ subprocesses, torchrun's elastic agent, a private local Ray instance.
 
 Every run trains the same tiny job (tests/launching.py: 8 steps, a checkpoint every 2 steps, loss
 logged every step), so each scenario's per-step losses are compared with one uninterrupted
-single-node 2-process run (conftest.py launch_reference, shared with tests/test_run_guard.py).
+single-node 2-process run (conftest.py launch_reference, a scenario of the shared job).
 Workers are killed with SIGKILL by PID at known moments through the test-only hooks in
 tests/hooks/sitecustomize.py (ENGINE_TEST_PID_DIR, ENGINE_TEST_PAUSE), which every process of a
 launch takes (Launch puts them on PYTHONPATH). The errors that need no process (Ray missing, a
@@ -23,6 +23,7 @@ from helpers import assert_one_error_line, losses
 from launch.cli import main
 from launching import (KILL_STEP, SAVE_EVERY, Launch, assert_gone, assert_ray_stopped, free_port, job,
                        kill_rank_when, rank_pids)
+from launching import shared_scenarios  # noqa: F401  (the reference run joins the shared job)
 
 
 def test_two_nodes_recover_from_sigkilled_worker(tiny_gpt2, launch_reference, tmp_path):
@@ -101,6 +102,7 @@ def test_kill_during_checkpoint_write_resumes_from_previous(tiny_gpt2, launch_re
     code, log = run.wait()
     assert code == 0, log[-6000:]
     assert f"resumed from step-{KILL_STEP - SAVE_EVERY}" in log and f"resumed from step-{KILL_STEP}" not in log
+    assert log.count(f"new run in {out}") == 1  # once, by the rank that made the directory, not again on restart
     assert losses(out) == launch_reference
     assert not list(ckpts.glob(".tmp-step-*"))
 

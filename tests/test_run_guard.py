@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from helpers import assert_one_error_line, losses
 from launch.cli import main
 from launching import SAVE_EVERY, STEPS, Launch, job, launch_ok, wait_for
+from launching import shared_scenarios  # noqa: F401  (the reference run joins the shared job)
 
 LOCK = ".engine.lock"
 STOP_STEP = 3  # the ranks pause right after this step: no periodic save step
