@@ -406,7 +406,7 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
         peak = device_peak_tflops(device.get("gpu_name", ""), run.precision) if device["kind"] == "cuda" else None
         result["mfu"] = {"achieved_tflops_per_device": achieved, "peak_tflops_per_device": peak,
                          "mfu": achieved / peak if peak else None,
-                         "note": "model FLOPs (6N + 12*L*d*seq per token) / device peak, dense, no sparsity"}
+                         "note": "model FLOPs (6N + 12*L*d_attn*seq per token) / device peak, dense, no sparsity"}
     mem = raw.get("memory_per_rank") or []
     if mem:
         keys = sorted({k for m in mem if m for k in m})
@@ -420,9 +420,16 @@ def summarize(run: RunSpec, raw: dict, device: dict) -> dict:
     if key:
         gc = bool(run.backend.overrides.get("train.gradient_checkpointing"))
         n_dev = max(run.gpus, run.procs)
+        # a LoRA run: the adapters get gradients and AdamW state, the base only its (frozen) weights
+        model_cfg = (result.get("config") or {}).get("model") if run.backend.system == "engine" else None
+        lora = model_cfg.get("lora") if isinstance(model_cfg, dict) else None  # baselines: no engine config
+        trainable = None
+        if lora:
+            from engine.flops import lora_params
+            trainable = lora_params(run.model, lora["r"])
         est = estimate(run.model, n_dev, seq=run.seq, micro_batch=run.micro_batch, precision=run.precision,
-                       rows=(key,))[0]
-        result["estimate"] = {"row": key, "gradient_checkpointing": gc, **est.to_dict(),
+                       rows=(key,), lora_trainable=trainable, quantized=bool(lora and lora.get("quantize")))[0]
+        result["estimate"] = {"row": key, "gradient_checkpointing": gc, "lora_trainable": trainable, **est.to_dict(),
                               "predicted_per_rank_mb": ((est.total_ckpt if gc else est.total_full)
                                                         + (est.host_per_node / n_dev if run.gpus == 0 else 0)) / 2**20}
     return result

@@ -3,15 +3,16 @@
 FLOPs per trained token (forward + backward), the PaLM / nanoGPT convention (Chowdhery et al.
 2022, appendix B):
 
-    flops_per_token = 6 * N_matmul + 12 * n_layer * d_model * seq_len
+    flops_per_token = 6 * N_matmul + 12 * n_layer * d_attn * seq_len
 
 N_matmul is every parameter that takes part in a matrix multiply: all parameters minus the
 input embedding tables (token and position lookups cost no FLOPs) plus the LM head (d_model x
 vocab, counted once whether or not it is tied to the token embedding). 6 = 2 (multiply-add) x 3
 (forward, backward to activations, backward to weights). The second term is attention's
-score and value products (QK^T and AV, 2 x 2 x seq x d per token per layer forward, x3 with
-backward), counted without halving for the causal mask, as PaLM does. Gradient
-checkpointing's recomputation is not counted: this is *model* FLOPs (MFU), not hardware FLOPs.
+score and value products (QK^T and AV, 2 x 2 x seq x d_attn per token per layer forward, x3 with
+backward; d_attn = query heads x head size: d_model unless the config sets head_dim apart),
+counted without halving for the causal mask, as PaLM does. Gradient checkpointing's recomputation
+is not counted: this is *model* FLOPs (MFU), not hardware FLOPs.
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ ARCHS: dict[str, dict] = {
     "qwen2.5-0.5b": {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "intermediate_size": 4864, "max_position_embeddings": 32768,
                      "vocab_size": 151936, "tie_word_embeddings": True},
+    # Qwen3: Qwen2's layout plus per-head query/key norms, head_dim 128 whatever the width
+    "qwen3-0.6b": {"model_type": "qwen3", "num_hidden_layers": 28, "hidden_size": 1024, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072,
+                   "max_position_embeddings": 40960, "vocab_size": 151936, "tie_word_embeddings": True},
+    "qwen3-8b": {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+                 "max_position_embeddings": 40960, "vocab_size": 151936, "tie_word_embeddings": False},
     "mistral-7b": {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
                    "num_key_value_heads": 8, "intermediate_size": 14336, "max_position_embeddings": 32768,
                    "vocab_size": 32000, "tie_word_embeddings": False},
@@ -59,6 +67,10 @@ ARCHS: dict[str, dict] = {
     # CPU memory checks: wide enough that model states (~60M params) dwarf per-process overheads
     "tiny-wide": {"model_type": "gpt2", "n_layer": 4, "n_embd": 1024, "n_head": 16, "n_positions": 256,
                   "vocab_size": 8192},
+    # its Llama counterpart (grouped-query attention, gated MLP, untied head): ~61M params, for full vs LoRA
+    "llama-wide": {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 1024, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "intermediate_size": 2816, "max_position_embeddings": 256,
+                   "vocab_size": 8192, "tie_word_embeddings": False},
     "micro": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256,
               "vocab_size": 1024},
 }
@@ -92,6 +104,13 @@ class Arch:
     n_head: int
     vocab: int
     context: int
+
+    @property
+    def attn_width(self) -> int:
+        """Query heads x head size: d_model, except where a config sets head_dim apart (Qwen3-0.6B:
+        16 x 128 = 2048 on a 1024-wide model)."""
+        head_dim = self.kwargs.get("head_dim")
+        return self.n_head * head_dim if head_dim else self.d_model
 
 
 def parse_model(spec: str) -> Arch:
@@ -202,7 +221,7 @@ def quantized_params(spec: str) -> tuple[int, int]:
 def flops_per_token(spec: str, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), formula in the module docstring."""
     arch = parse_model(spec)
-    return 6.0 * param_counts(spec).matmul + 12.0 * arch.n_layer * arch.d_model * seq_len
+    return 6.0 * param_counts(spec).matmul + 12.0 * arch.n_layer * arch.attn_width * seq_len
 
 
 @functools.lru_cache(maxsize=32)

@@ -34,7 +34,8 @@ def test_flops_per_token_gpt2_matches_hand_computation():
 
 @pytest.mark.fast
 @pytest.mark.parametrize("name,total,tied", [("llama-3.2-1b", 1_235_814_400, True), ("llama-3.1-8b", 8_030_261_248, False),
-                                             ("qwen2.5-0.5b", 494_032_768, True), ("mistral-7b", 7_241_732_096, False)])
+                                             ("qwen2.5-0.5b", 494_032_768, True), ("mistral-7b", 7_241_732_096, False),
+                                             ("qwen3-0.6b", 596_049_920, True), ("qwen3-8b", 8_190_735_360, False)])
 def test_todays_families_have_their_published_sizes_and_flops(name, total, tied):
     """Grouped-query attention, gated MLP, tied or untied heads: the counts are the models' own (meta
     device), equal to the published sizes; an untied LM head takes part in the matmuls once."""
@@ -43,7 +44,9 @@ def test_todays_families_have_their_published_sizes_and_flops(name, total, tied)
     assert (c.total, c.tied) == (total, tied)
     assert c.embedding == arch.vocab * arch.d_model  # rotary: no position table
     assert c.matmul == total - (0 if tied else c.embedding)
-    assert flops_per_token(name, 2048) == 6 * c.matmul + 12 * arch.n_layer * arch.d_model * 2048
+    heads_x_head_dim = arch.n_head * arch.kwargs.get("head_dim", arch.d_model // arch.n_head)
+    assert arch.attn_width == heads_x_head_dim  # Qwen3-0.6B: 2048 on a 1024-wide model
+    assert flops_per_token(name, 2048) == 6 * c.matmul + 12 * arch.n_layer * heads_x_head_dim * 2048
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,6 +259,24 @@ def test_backend_specs_map_to_engine_options():
                      ("deepspeed:zero2+nope", "unknown modifier"), ("nope", "unknown backend spec")):
         with pytest.raises(ValueError, match=why):
             parse_backend(bad)
+
+
+@pytest.mark.fast
+def test_a_lora_specs_estimate_counts_the_adapters_as_trainable():
+    """`ddp@model.lora.r=4`: the estimate the bench puts beside the measurement is the LoRA row
+    (adapters with gradients and AdamW state, the base frozen), not the full fine-tuning one."""
+    from benchmarks.runner import RunSpec, parse_backend, summarize
+    from engine.flops import lora_params
+
+    def predicted(spec: str, config: dict) -> dict:
+        run = RunSpec(parse_backend(spec), "micro", 2, 0, 32, 2, 2, 1, "fp32", 60)
+        raw = {"outcome": "ok", "exit_code": 0, "wall_s": 1.0, "config": config, "steps": []}
+        return summarize(run, raw, {"kind": "cpu"})["estimate"]
+
+    full = predicted("ddp", {"model": {"lora": None}})
+    lora = predicted("ddp@model.lora.r=4", {"model": {"lora": {"r": 4, "quantize": None}}})
+    assert full["lora_trainable"] is None and lora["lora_trainable"] == lora_params("micro", 4) > 0
+    assert lora["row"] == full["row"] == "ddp" and lora["predicted_per_rank_mb"] < full["predicted_per_rank_mb"]
 
 
 # ------------------------------------------------------------------------------------------------
