@@ -108,11 +108,12 @@ def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
                 "in its own wrapper (sharded modules, pipeline schedules, ZeRO hooks) that unwrap/save/no_sync "
                 "expect uncompiled; use --backend ddp or deepspeed for torch.compile")
     if t.lora and o.plugin in ("hybrid", "gemini"):
-        # hybrid's shardformer swaps the linear layers PEFT put its adapters on for its own TP/PP
-        # modules; Gemini moves every parameter into its chunks, where the frozen base is not kept apart
-        return (f"model.lora is not supported by the colossal backend with plugin={o.plugin} (its "
-                + ("tensor/pipeline-parallel modules replace the layers PEFT adapts" if o.plugin == "hybrid"
-                   else "chunk-managed parameters do not keep PEFT's frozen base apart")
+        # ColossalAI 0.5 itself: GeminiPlugin.support_lora() is False; HybridParallelPlugin.enable_lora
+        # asserts tp_size == 1, and the pipeline stages here (gpt2_policy, decoder_policy) and the
+        # hybrid checkpoint files hold the plain model, not PEFT's wrapper, so pp + LoRA is not wired
+        return (f"model.lora is not supported by the colossal backend with plugin={o.plugin} ("
+                + ("ColossalAI's LoRA stops short of tensor parallelism, and this backend's pipeline stages take "
+                   "the plain model" if o.plugin == "hybrid" else "ColossalAI's Gemini has no LoRA support")
                 + "); use backend.colossal.plugin=torch_ddp or low_level_zero, or --backend ddp, deepspeed or fsdp")
     if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
         return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
