@@ -25,6 +25,7 @@ from engine.checkpoint import (RunState, barrier, kept_export_dir, run_status, s
 from engine.config import Config
 from engine.errors import EngineError
 from engine.metrics import MetricsLog, Progress, format_metrics, log
+from engine.modeling import parameter_counts
 from engine.preemption import Preemption, signal_name
 from engine.profiling import profiled_step
 from engine.tasks import Collective, Task, TaskData
@@ -61,6 +62,7 @@ class Run:
     state: RunState
     metrics: MetricsLog
     collective: Collective
+    params: dict                    # parameter_counts of the model the backend built (memory event)
     no_train_metrics: bool = False  # the backend returned no training logits (said once)
 
 
@@ -90,7 +92,14 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
     plan = plan_run(cfg, len(data.train), backend.dp_size, backend.is_main)
     seed_everything(t.seed)
     rss_before_setup = current_rss_mb()
-    backend.setup(build_model, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
+    params = {}
+
+    def build_and_count():  # the backend builds the model (under ZeRO-3, partitioned); count it as built
+        model = build_model()
+        params.update(parameter_counts(model))
+        return model
+
+    backend.setup(build_and_count, SchedulerSpec(t.scheduler, t.warmup_for(plan.total_steps), plan.total_steps))
     state, resumed_from = _resume(backend, plan, *resume, model_names)
     if continue_run:
         _continue_finished(cfg, backend, Path(output_dir), state, plan)
@@ -105,7 +114,8 @@ def train(cfg: Config, backend: Backend, task: Task, data: TaskData, build_model
         from engine.trackers import open_trackers
         trackers = open_trackers(t.report_to, Path(output_dir), cfg.to_dict(), state.step)
     run = Run(cfg, backend, task, data, plan, Path(output_dir), state,
-              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), dp_collective(backend))
+              MetricsLog(output_dir, state.step, enabled=backend.is_main, trackers=trackers), dp_collective(backend),
+              params)
     progress = Progress(plan.total_steps, state.step, enabled=backend.is_main)
     if t.profile_step > plan.total_steps and backend.is_main:
         log(f"warning: train.profile_step={t.profile_step} is after the last step ({plan.total_steps}): nothing is profiled")
@@ -295,7 +305,10 @@ def _finish(run: Run, tokenizer, finished: bool, last_saved: int, rss_before_set
 def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
     """One `memory` event after the training steps (before the final save/export): every rank's
     peak memory_stats(), plus its host RSS just before the model was built (what training added
-    is the difference). Gathered over all ranks, not only the data-parallel group."""
+    is the difference). Gathered over all ranks, not only the data-parallel group. With frozen
+    parameters (LoRA), `frozen_states_saved_mb`: the fp32 gradient and two AdamW moments (12 bytes
+    each) full fine-tuning would keep for them, over all replicas' worth of one model (sharding
+    divides it between ranks)."""
     mine = {k: round(v, 1) for k, v in run.backend.memory_stats().items()}
     if rss_before_setup is not None:
         mine["host_rss_before_setup_mb"] = round(rss_before_setup, 1)
@@ -303,7 +316,9 @@ def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
     if dist.is_initialized():
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, mine)
-    run.metrics.write("memory", run.state.step, per_rank=per_rank)
+    frozen = run.params.get("total", 0) - run.params.get("trainable", 0)
+    saved = {"frozen_states_saved_mb": round(frozen * 12 / 2**20, 1)} if frozen else {}
+    run.metrics.write("memory", run.state.step, per_rank=per_rank, params=run.params, **saved)
 
 
 def _evaluate(run: Run) -> dict:

@@ -189,6 +189,13 @@ def quantization_config(cfg: Config):
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """{"total", "trainable"}: unique parameters (tied ones once), full sizes under ZeRO-3 too."""
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 partitions keep the full size here
+    params = list(model.parameters())
+    return {"total": sum(size(p) for p in params), "trainable": sum(size(p) for p in params if p.requires_grad)}
+
+
 def with_lora(model: torch.nn.Module, cfg: Config, quiet: bool = False) -> torch.nn.Module:
     """The model as a PEFT LoRA model: adapters on `target_modules` (PEFT's per-family default when
     unset), the classification head trained fully (PEFT's SEQ_CLS default) or `modules_to_save`;
@@ -208,9 +215,8 @@ def with_lora(model: torch.nn.Module, cfg: Config, quiet: bool = False) -> torch
         raise EngineError(f"model.lora: {str(e).splitlines()[0]}") from None
     if not quiet and os.environ.get("RANK", "0") == "0":
         from engine.metrics import log
-        size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps the full size here
-        trainable = sum(size(p) for p in peft_model.parameters() if p.requires_grad)
-        total = sum(size(p) for p in peft_model.parameters())
+        counts = parameter_counts(peft_model)
+        trainable, total = counts["trainable"], counts["total"]
         targets = sorted(peft_model.peft_config["default"].target_modules)
         base = f", the base in 4 bits ({lora.quantize}, QLoRA)" if lora.quantize else ""
         log(f"LoRA r={lora.r} alpha={lora.alpha} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "

@@ -85,6 +85,9 @@ def test_clm_two_processes_loss_falls(runs):
     for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "host_rss_mb"):
         assert key in last
     assert (run / "config.yaml").exists() and json.loads((run / "run.json").read_text())["status"] == "finished"
+    (memory,) = metrics(run, "memory")  # full fine-tuning: every parameter trains, nothing frozen to count
+    assert memory["params"]["trainable"] == memory["params"]["total"] > 0 and "frozen_states_saved_mb" not in memory
+    assert len(memory["per_rank"]) == 2 and all(r["host_rss_mb"] > 0 for r in memory["per_rank"])
 
 
 def test_two_procs_equal_one_proc_with_grad_accum(runs):

@@ -123,6 +123,13 @@ def test_only_the_adapters_train_and_the_log_says_how_many(job):
     assert moments == trainable == 2 * (32 * 4 + 4 * 96)  # 2 layers x (A: 32x4, B: 4x96) on c_attn
     ref = _adapter(root / "clm-ddp" / "model")
     assert sum(t.numel() for t in ref.values()) == trainable
+    # the memory event counts the same (ZeRO-3's partitioned model by its full sizes) and says what the
+    # frozen base saves: its fp32 gradient and AdamW moments, 12 bytes a parameter
+    for variant in ("ddp", "zero3"):
+        (memory,) = metrics(root / f"clm-{variant}", "memory")
+        total = memory["params"]["total"]
+        assert memory["params"]["trainable"] == trainable and total > 100 * trainable, (variant, memory["params"])
+        assert memory["frozen_states_saved_mb"] == round((total - trainable) * 12 / 2**20, 1)
 
 
 @pytest.mark.parametrize("variant", [v for v in ("zero3", "col-zero2") if v in _variants()])
