@@ -2,10 +2,11 @@
 ZeRO stage, plugin or TP/PP layout continues from its checkpoint (weights, AdamW moments and
 step, LR schedule, data position), with no flag, saying so in one log line.
 
-Every move below (LoRA runs' too) stops a 6-step run at step 2 (its checkpoint), relaunches the same output_dir
-under the other layout with the same global batch (grad_accum adjusted to the rank count), and
-compares all 6 per-step losses with an uninterrupted 2-rank DDP run. Step 3's loss checks the
-weights, steps 4-6 the AdamW moments and step count (a reset moment changes the next update).
+Every move below (LoRA runs' and a Llama's too) stops a 6-step run at step 2 (its checkpoint),
+relaunches the same output_dir under the other layout with the same global batch (grad_accum
+adjusted to the rank count), and compares all 6 per-step losses with an uninterrupted 2-rank DDP
+run. Step 3's loss checks the weights, steps 4-6 the AdamW moments and step count (a reset moment
+changes the next update).
 Tolerances as in tests/test_colossal.py: 1e-6 where the math is DDP's, 2e-6 where TP/PP reorder
 sums. fp32, dropout 0, torch's for_loop AdamW.
 
@@ -61,6 +62,9 @@ MOVES = {
                                 EXACT),
     "lora-col-zero2-to-ddp1": ("lora", ("colossal", {"plugin": "low_level_zero", "zero_stage": 2}, 2), ("ddp", {}, 1),
                                EXACT),
+    # today's families (issue 21): a Llama (grouped-query attention, untied head) into and out of TP/PP
+    "llama-zero3-to-col-tp2": ("llama", ("deepspeed", {"zero_stage": 3}, 2), ("colossal", HYBRID_TP2, 2), REORDERED),
+    "llama-col-pp2-to-ddp1": ("llama", ("colossal", HYBRID_PP2, 2), ("ddp", {}, 1), REORDERED),
 }
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
@@ -76,7 +80,7 @@ def _config(task, model, data, out, backend, options, ranks, **train) -> dict:
     tp_pp = options.get("tp_size", 1) * options.get("pp_size", 1)
     dp = ranks // tp_pp
     # a linear schedule with warm-up: a schedule not set to the resumed step changes the losses
-    cfg = config("clm" if task == "lora" else task, model, data, out, backend, options, steps=STEPS, save_every=STOP,
+    cfg = config("cls" if task == "cls" else "clm", model, data, out, backend, options, steps=STEPS, save_every=STOP,
                  scheduler="linear", warmup_ratio=0.34, micro_batch_size=4, grad_accum=2 // dp, **train)
     if task == "lora":  # causal LM with LoRA adapters (a larger lr: the adapters start at zero)
         cfg["model"]["lora"] = dict(LORA)
@@ -92,12 +96,15 @@ class _Scenarios:
     """The three rounds of scenarios, in the order they must run."""
 
     def __init__(self, root: Path) -> None:
+        from test_families import family_dir
         self.root, self.moves = root, _moves()
         self.model = tiny_gpt2_dir(root / "models")
+        self.llama = family_dir(root / "models", "llama")
         self.data = small_data(root / "data", shakespeare_lines=2000, mrpc_rows=(100, 16))
 
     def _config(self, task, label, *args, **train) -> dict:
-        return _config(task, self.model, self.data, self.root / label, *args, **train)
+        model = self.llama if task == "llama" else self.model
+        return _config(task, model, self.data, self.root / label, *args, **train)
 
     def before(self, ranks: int) -> list[dict]:
         return [self._config(task, label, b, o, n, stop_at_step=STOP)
@@ -109,7 +116,7 @@ class _Scenarios:
     def round_1(self) -> list[dict]:
         """2 ranks: the runs that are stopped, the uninterrupted references, and bf16 (the GPU case:
         ZeRO-1 on 2 ranks -> ZeRO-2 on 1, against an uninterrupted ZeRO-1 bf16 run)."""
-        refs = [self._config(task, f"ref-{task}", "ddp", {}, 2) for task in ("clm", "cls", "lora")]
+        refs = [self._config(task, f"ref-{task}", "ddp", {}, 2) for task in sorted({m[0] for m in self.moves.values()})]
         bf16 = [self._config("clm", "bf16-zero1-to-zero2-1rank", "deepspeed", {"zero_stage": 1}, 2, precision="bf16",
                              stop_at_step=STOP),
                 self._config("clm", "ref-bf16-zero1", "deepspeed", {"zero_stage": 1}, 2, precision="bf16")]
