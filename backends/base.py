@@ -56,8 +56,20 @@ class TrainingSpec:
     optimizer: OptimizerSpec
     scheduler_name: str     # transformers SchedulerType name (steps come with setup())
     compile: bool = False   # torch.compile the model where the backend allows it
+    compile_backend: str | None = None  # torch.compile(backend=...); None: torch's default (inductor)
+    compile_mode: str | None = None     # torch.compile(mode=...); None: torch's default
     lora: bool = False      # the model is a PEFT LoRA model: only its adapters train
     quantized_base: bool = False  # QLoRA: the frozen base is 4-bit bitsandbytes layers
+
+
+def compile_options(spec: TrainingSpec) -> dict:
+    """torch.compile's keyword arguments for the run: only what the config set."""
+    return {k: v for k, v in (("backend", spec.compile_backend), ("mode", spec.compile_mode)) if v is not None}
+
+
+def compiled(spec: TrainingSpec) -> bool | str:
+    """What describe() says: False, True (torch's default backend) or the backend the config named."""
+    return (spec.compile_backend or True) if spec.compile else False
 
 
 @dataclass

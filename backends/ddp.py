@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           UniversalState, loss_and_logits, moments_by_index, register_backend)
+from backends.base import (Backend, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo, UniversalState,
+                           compile_options, compiled, loss_and_logits, moments_by_index, register_backend)
 from backends.errors import EngineError
 from backends.files import QUANT_STATE, check_safetensors, files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
@@ -38,7 +38,7 @@ class DDPBackend(Backend):
                 bucket_cap_mb=self.options.bucket_cap_mb, static_graph=self.options.static_graph)
         self.ddp = model
         # compiled after wrapping: DDP's optimizer splits the graph at its gradient buckets
-        self.model = torch.compile(model) if self.spec.compile else model
+        self.model = torch.compile(model, **compile_options(self.spec)) if self.spec.compile else model
         self.optimizer = adamw(self.module, self.spec.optimizer, self.device)
         self.scheduler = build_scheduler(self.optimizer, scheduler)
         self.precision = AmpPrecision(self.spec.precision, self.device)
@@ -130,7 +130,7 @@ class DDPBackend(Backend):
 
     def describe(self) -> dict:
         return {"optimizer": f"torch.optim.AdamW ({adamw_impl(self.spec.optimizer.impl, self.device)})",
-                "wrapper": "DDP" if self.world_size > 1 else "none", "compiled": self.spec.compile}
+                "wrapper": "DDP" if self.world_size > 1 else "none", "compiled": compiled(self.spec)}
 
     # -- bench specs and memory-estimate rows (see Backend) ---------------------------------------
     bench_spec_help = "ddp"

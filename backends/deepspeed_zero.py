@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           TrainingSpec, UniversalState, loss_and_logits, moments_by_index, register_backend)
+                           TrainingSpec, UniversalState, compile_options, compiled, loss_and_logits, moments_by_index,
+                           register_backend)
 from backends.files import files_problem, load_torch_file
 from backends.host import stale_build_locks
 from backends.optim import adamw, adamw_impl, build_scheduler, param_groups
@@ -492,7 +493,10 @@ class DeepSpeedBackend(Backend):
         self.scheduler = build_scheduler(opt, scheduler)
         self.model = self.engine
         if self.spec.compile:
-            self.engine.compile()  # DeepSpeed's own torch.compile of the wrapped module (keeps its hooks)
+            # DeepSpeed's own torch.compile of the wrapped module (keeps its hooks)
+            options = compile_options(self.spec)
+            backend = {"backend": options.pop("backend")} if "backend" in options else {}
+            self.engine.compile(**backend, compile_kwargs=options)
         # Stage 0 in fp32 has no ZeRO optimizer wrapper, so DeepSpeed keeps no norm: measure it with
         # DeepSpeed's own global-norm helper before its step (grads are all-reduced by then).
         self._grad_norm_fallback = not hasattr(self.engine.optimizer, "_global_grad_norm")
@@ -721,7 +725,7 @@ class DeepSpeedBackend(Backend):
         return {"zero_stage": self.stage, "optimizer": getattr(self, "optimizer_name", "?"),
                 "offload_optimizer": self.offload_optimizer, "offload_params": self.offload_params,
                 "precision": self.spec.precision, "gradient_clipping": self.spec.max_grad_norm,
-                "compiled": self.spec.compile}
+                "compiled": compiled(self.spec)}
 
     def close(self) -> None:
         if self._hf_ds_config is not None:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from backends.base import (MOMENTS, Backend, EngineError, EstimateRow, ForwardOutput, SchedulerSpec, StepInfo,
-                           TrainingSpec, UniversalState, loss_and_logits, register_backend)
+                           TrainingSpec, UniversalState, compile_options, compiled, loss_and_logits, register_backend)
 from backends.files import files_problem
 from backends.optim import adamw, adamw_impl, build_scheduler
 from backends.precision import DTYPES, AmpPrecision
@@ -149,7 +149,7 @@ class FSDPBackend(Backend):
             offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if o.offload else OffloadPolicy())
         for unit in units:
             if self.spec.compile:
-                unit.compile()  # in place (parameter names unchanged), before its FSDP hooks exist
+                unit.compile(**compile_options(self.spec))  # in place (names unchanged), before its FSDP hooks
             fully_shard(unit, **kwargs)
         fully_shard(module, **kwargs)
         self.module = self.model = module
@@ -332,7 +332,7 @@ class FSDPBackend(Backend):
                 "reshard_after_forward": self.options.reshard_after_forward, "offload": self.options.offload,
                 "precision": self.spec.precision,
                 "optimizer": f"torch.optim.AdamW ({adamw_impl(self.spec.optimizer.impl, self.param_device)})",
-                "async_save": self.options.async_save, "compiled": self.spec.compile}
+                "async_save": self.options.async_save, "compiled": compiled(self.spec)}
 
     def close(self) -> None:
         if self._save_group is not None:

@@ -23,6 +23,7 @@ TASKS = ("causal_lm", "classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "for_loop")  # backends.optim
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 QUANTIZE_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types (QLoRA: nf4)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt")
@@ -56,6 +57,8 @@ HF_TRAINER_NAMES = {
     "fp16": "train.precision=fp16",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "torch_compile": "train.compile",
+    "torch_compile_backend": "train.compile_backend",
+    "torch_compile_mode": "train.compile_mode",
     "eval_steps": "train.eval_every",
     "save_steps": "train.save_every",
     "save_total_limit": "train.keep_last",
@@ -143,6 +146,8 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False             # torch.compile the model (ddp, deepspeed, fsdp)
+    compile_backend: str | None = None  # torch.compile's backend (None: inductor); aot_eager, cudagraphs, ...
+    compile_mode: str | None = None     # torch.compile's mode (None: default); see COMPILE_MODES
     eval_every: int = 0               # steps; 0 = only at the end
     eval_batch_size: int | None = None
     save_every: int = 0               # steps; 0 = only at the end
@@ -202,7 +207,8 @@ class Config:
                             grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
                             optimizer=OptimizerSpec(t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps,
                                                     t.adamw_impl),
-                            scheduler_name=t.scheduler, compile=t.compile, lora=self.model.lora is not None,
+                            scheduler_name=t.scheduler, compile=t.compile, compile_backend=t.compile_backend,
+                            compile_mode=t.compile_mode, lora=self.model.lora is not None,
                             quantized_base=self.model.lora is not None and self.model.lora.quantize is not None)
 
     def to_dict(self) -> dict:
@@ -414,6 +420,18 @@ def _choice(value, choices, name):
                           f"{_did_you_mean(str(value), choices)}")
 
 
+def _check_compile(t) -> None:
+    named = [f"train.{key}={value}" for key, value in
+             (("compile_backend", t.compile_backend), ("compile_mode", t.compile_mode)) if value]
+    if named and not t.compile:
+        raise EngineError(f"{' and '.join(named)} only apply with train.compile=true (torch.compile is off)")
+    if t.compile_mode is not None:
+        _choice(t.compile_mode, COMPILE_MODES, "train.compile_mode")
+    if t.compile_backend is not None:
+        import torch._dynamo
+        _choice(t.compile_backend, torch._dynamo.list_backends(exclude_tags=()), "train.compile_backend")
+
+
 def validate(cfg: Config) -> None:
     from backends.base import backend_names
     from engine.tasks.glue import GLUE_TASKS
@@ -430,6 +448,7 @@ def validate(cfg: Config) -> None:
     _choice(t.adamw_impl, ADAMW_IMPLS, "train.adamw_impl")
     if cfg.model.attn_implementation is not None:
         _choice(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    _check_compile(t)
     lora = cfg.model.lora
     if lora is not None:
         if lora.r < 1 or lora.alpha <= 0:

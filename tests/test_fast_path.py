@@ -101,6 +101,24 @@ def test_attention_and_optimizer_choices_are_checked_before_launch(tiny_gpt2):
 
 
 @pytest.mark.fast
+def test_compile_backend_and_mode_are_checked_and_reach_the_backend(tiny_gpt2):
+    """train.compile_backend / train.compile_mode (the HF Trainer's torch_compile_backend/_mode): a
+    name torch.compile does not have, or either without train.compile, is one line before launch."""
+    from backends.base import compile_options
+    base = [f"model.name_or_path={tiny_gpt2}", f"data.train={SHAKESPEARE}", "data.block_size=32"]
+    with pytest.raises(EngineError, match=r"^train.compile_mode must be one of default, reduce-overhead, "):
+        load_config(None, base + ["train.compile=true", "train.compile_mode=fastest"])
+    with pytest.raises(EngineError, match=r"^train.compile_backend must be one of .*inductor.*; got 'inductr' "
+                                          r"\(did you mean 'inductor'\?\)"):
+        load_config(None, base + ["train.compile=true", "train.compile_backend=inductr"])
+    with pytest.raises(EngineError, match=r"^train.compile_backend=aot_eager only apply with train.compile=true"):
+        load_config(None, base + ["train.compile_backend=aot_eager"])
+    spec = load_config(None, base + ["train.compile=true", "train.compile_backend=aot_eager"]).training_spec()
+    assert compile_options(spec) == {"backend": "aot_eager"}
+    assert compile_options(load_config(None, base + ["train.compile=true"]).training_spec()) == {}
+
+
+@pytest.mark.fast
 def test_compile_is_refused_where_the_backend_cannot(tiny_gpt2):
     pytest.importorskip("colossalai")
     from backends.base import backend_class

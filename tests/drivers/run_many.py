@@ -35,6 +35,29 @@ def scenario_log(job_stderr: str, output_dir) -> list[list[str]]:
     return runs
 
 
+def _reuse_tokenizers() -> None:
+    """Every scenario loads its tokenizer, and transformers 5 rebuilds GPT-2's BPE from its vocab and
+    merges on each load (~0.4 s; a job has ~200 scenarios on 2 ranks at once). Here a folder's
+    tokenizer is loaded once and each scenario gets a deep copy (~0.2 s): runs change theirs (the pad
+    token, an instruction run's chat template). A changed file in the folder is a new entry."""
+    import copy
+
+    import engine.modeling as modeling
+    load, loaded = modeling.load_tokenizer, {}
+
+    def load_or_copy(cfg):
+        folder = Path(str(cfg.tokenizer_path)).expanduser()
+        if not folder.is_dir():
+            return load(cfg)
+        files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir() if f.is_file()))
+        key = (str(folder.resolve()), cfg.model.trust_remote_code, files)
+        if key not in loaded:
+            loaded[key] = load(cfg)
+        return copy.deepcopy(loaded[key])
+
+    modeling.load_tokenizer = load_or_copy
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -44,6 +67,7 @@ def main() -> None:
     # the first scenario's backend joins the process group (DeepSpeed/ColossalAI want to own it)
     backend_class(scenarios[0].get("backend", {}).get("name", "ddp")).init_distributed()
     from engine.worker import run
+    _reuse_tokenizers()
     for cfg in scenarios:
         if dist.get_rank() == 0:
             print(f"{MARKER}{cfg['output_dir']}", file=sys.stderr, flush=True)
