@@ -307,8 +307,8 @@ def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
     peak memory_stats(), plus its host RSS just before the model was built (what training added
     is the difference). Gathered over all ranks, not only the data-parallel group. With frozen
     parameters (LoRA), `frozen_states_saved_mb`: the fp32 gradient and two AdamW moments (12 bytes
-    each) full fine-tuning would keep for them, over all replicas' worth of one model (sharding
-    divides it between ranks)."""
+    a parameter) that full fine-tuning would keep for them, for one copy of the model (replicated
+    backends keep it on every rank; sharded ones divide it between ranks)."""
     mine = {k: round(v, 1) for k, v in run.backend.memory_stats().items()}
     if rss_before_setup is not None:
         mine["host_rss_before_setup_mb"] = round(rss_before_setup, 1)
