@@ -13,10 +13,10 @@ policy uses: the loss by `dist_cross_entropy` over the vocabulary-parallel logit
 Pipeline stages keep the stock policies' layer split, held layers and tied-embedding sharing, with
 the stage forward here (`_decoder_stage`) in place of ColossalAI's 4.51 one: the first stage embeds,
 every stage builds the masks its layers need (full causal, or a sliding window: Mistral's for every
-layer when `sliding_window` is set, Qwen2's and Qwen3's per layer from `config.layer_types`, by the layer's index
-in the whole model) and the rotary embeddings, runs its layers, and the last applies the final norm
-and the head. It calls the layers and mask builders with the arguments transformers 5.17 and 5.24
-name alike (no cache, passed by position).
+layer when `sliding_window` is set, Qwen2's and Qwen3's per layer from `config.layer_types`, by the
+layer's index in the whole model) and the rotary embeddings, runs its layers, and the last applies
+the final norm and the head. It calls the layers and mask builders with the arguments transformers
+5.17 and 5.24+ name alike (no cache, passed by position).
 """
 from __future__ import annotations
 
@@ -150,12 +150,12 @@ def policy_for(task: str, model_type: str):
     return Policy()
 
 
-def sum_head_norm_grads(model, tp_group) -> int:
+def sum_head_norm_grads(model, tp_group) -> None:
     """Qwen3's q_norm/k_norm weights (one head_dim vector, whole on every rank) normalise every head,
     and each tensor-parallel rank holds only its share of the heads: the gradient a rank computes is
     its heads' part. Summing it over the group (a hook on each weight, during backward) gives every
     rank the full gradient, so the copies stay equal and equal the unsharded model's; without it the
-    losses drifted from DDP's by 7e-6 in 3 steps. Returns how many weights were hooked."""
+    losses drifted from DDP's by 7e-6 in 3 steps."""
     import torch.distributed as dist
 
     def summed(grad):
@@ -163,10 +163,9 @@ def sum_head_norm_grads(model, tp_group) -> int:
         dist.all_reduce(grad, group=tp_group)
         return grad
 
-    weights = [m.weight for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm")]
-    for weight in weights:
-        weight.register_hook(summed)
-    return len(weights)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm"):
+            module.weight.register_hook(summed)
 
 
 def check_config(conf, tp_size: int, pp_size: int) -> None:

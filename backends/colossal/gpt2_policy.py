@@ -39,9 +39,10 @@ def policy_for(task: str):
 def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
     """What the hybrid plugin needs of the model, from its config alone (before any process starts)."""
     if getattr(conf, "model_type", None) != "gpt2":
+        model_type = getattr(conf, "model_type", "?")
         raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2, Llama, Qwen2, Qwen3 and Mistral models; "
-                          f"got model_type {getattr(conf, 'model_type', '?')!r} (use plugin=torch_ddp or low_level_zero "
-                          "for other architectures)")
+                          f"got model_type {model_type!r} (use plugin=torch_ddp or low_level_zero for other "
+                          "architectures)")
     heads, layers = conf.n_head, conf.n_layer
     if heads % tp_size:
         raise EngineError(f"backend.colossal.tp_size={tp_size} must divide the model's {heads} attention heads "

@@ -49,7 +49,8 @@ def _reuse_tokenizers() -> None:
         folder = Path(str(cfg.tokenizer_path)).expanduser()
         if not folder.is_dir():
             return load(cfg)
-        files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir() if f.is_file()))
+        files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size)
+                             for f in folder.iterdir() if f.is_file()))
         key = (str(folder.resolve()), cfg.model.trust_remote_code, files)
         if key not in loaded:
             loaded[key] = load(cfg)
