@@ -187,3 +187,26 @@ def test_what_hybrid_parallel_cannot_do_for_a_family_is_refused_before_launch(tm
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: backend.colossal.tp_size=4 must divide the model's 4 attention heads and its 2 key/value heads "
         "(grouped-query attention; try tp_size in [1, 2])"], result.output
+
+
+@pytest.mark.fast
+def test_a_model_hybrid_parallel_has_no_policy_for_is_refused_before_launch(tmp_path):
+    """GPT-Neo under plugin=hybrid (its policies cover GPT-2 and the families above): one line from the
+    CLI that names the model type and what to use instead, exit 2, nothing written."""
+    pytest.importorskip("colossalai")
+    from click.testing import CliRunner
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Tokenizer
+    from launch.cli import main
+    model = tmp_path / "tiny-gpt-neo"
+    conf = AutoConfig.for_model("gpt_neo", vocab_size=50257, hidden_size=32, num_layers=2, num_heads=4,
+                                attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(model)
+    GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER)).save_pretrained(model)
+    result = CliRunner().invoke(main, ["launch", "--gpus", "0", "--nproc", "2", "--backend", "colossal",
+                                       "backend.colossal.plugin=hybrid", "backend.colossal.tp_size=2",
+                                       f"model.name_or_path={model}", f"data.train={SHAKESPEARE}", "data.block_size=32",
+                                       "data.max_train_samples=16", f"output_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: backend.colossal.plugin=hybrid supports GPT-2, Llama, Qwen2, Qwen3 and Mistral models; got model_type "
+        "'gpt_neo' (use plugin=torch_ddp or low_level_zero for other architectures)"], result.output
+    assert not (tmp_path / "run").exists()
