@@ -287,6 +287,22 @@ class Backend(ABC):
         """Peak memory in MiB: accelerator allocated/reserved when present, host RSS always."""
         return peak_memory_mb(self.device)
 
+    def held_parameters(self) -> int | None:
+        """How many parameter elements this rank holds once the backend has placed the model: its
+        tensor-parallel shards and pipeline stage, its ZeRO-3 or FSDP partition (tied weights once,
+        vocabulary padding included); None when the backend keeps no `module`."""
+        module = getattr(self, "module", None)
+        if module is None:
+            return None
+
+        def held(p):
+            if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the partition this rank owns
+                return p.ds_tensor.numel()
+            if hasattr(p, "to_local"):  # FSDP2's DTensor: the local shard
+                return p.to_local().numel()
+            return p.numel()
+        return sum(held(p) for p in module.parameters())
+
     def close(self) -> None:
         pass
 

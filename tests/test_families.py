@@ -39,6 +39,7 @@ BACKENDS = {"ddp": ["backend.name=ddp"],
 SLIDING = {"qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
            "qwen3": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
            "mistral": {"sliding_window": 8}}
+RESUMED = (("qwen2", "col-tp2"), ("qwen2", "col-pp2"), ("gptj", "col-tp2"))
 REORDERED = 2e-6  # TP sums partial matmuls and the vocabulary-parallel softmax in another order (test_colossal.py)
 
 
@@ -59,6 +60,29 @@ def family_dir(root: Path, family: str) -> Path:
                                 tie_word_embeddings=family == "qwen2",  # one tied head, the others untied
                                 **SLIDING.get(family, {}),
                                 **({"head_dim": 8} if family == "qwen3" else {}))  # Qwen3's default is 128 at any width
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+GPT2_FAMILY = ("gpt_neo", "gptj")  # GPT-2's relatives: hybrid parallelism by neo_j_policy.py
+
+
+def gpt2_family_dir(root: Path, family: str) -> Path:
+    """A tiny GPT-Neo (tied head; its second layer attends through an 8-token local window) or GPT-J
+    (untied head with a bias, rotary embedding on half of each 8-wide head), 2 layers, 4 heads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Tokenizer
+    path = root / f"tiny-{family}"
+    if (path / "config.json").exists():
+        return path
+    tok = GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER))
+    shape = (dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, window_size=8,
+                  attention_types=[[["global", "local"], 1]], max_position_embeddings=128) if family == "gpt_neo" else
+             dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, rotary_dim=4, n_positions=128))
+    conf = AutoConfig.for_model(family, vocab_size=len(tok), bos_token_id=tok.eos_token_id,
+                                eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(conf).save_pretrained(path)
     tok.save_pretrained(path)
@@ -93,12 +117,17 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     out += [_config(llama, root / f"llama-cls-{b}", b, "cls")
             for b in ("ddp", "zero2", *(["col-tp2", "col-pp2"] if _colossal() else []))]
     if _colossal():  # Qwen2's tied head, GPT-2's 50257-token vocabulary padded to 50304, under TP and across
-        # two pipeline stages (the embedding on the first, the head on the last): stopped, resumed
-        qwen2 = family_dir(root / "models", "qwen2")
-        for backend in ("col-tp2", "col-pp2"):
-            resumed = root / f"qwen2-{backend}-resumed"
-            out += [_config(qwen2, resumed, backend, "clm", "train.stop_at_step=2", "train.save_every=2"),
-                    _config(qwen2, resumed, backend, "clm", "train.save_every=2")]
+        # two pipeline stages (the embedding on the first, the head on the last), and GPT-J's head bias
+        # padded alike under TP: stopped, resumed
+        for family, backend in RESUMED:
+            path = (gpt2_family_dir if family in GPT2_FAMILY else family_dir)(root / "models", family)
+            resumed = root / f"{family}-{backend}-resumed"
+            out += [_config(path, resumed, backend, "clm", "train.stop_at_step=2", "train.save_every=2"),
+                    _config(path, resumed, backend, "clm", "train.save_every=2")]
+    for family in GPT2_FAMILY:
+        path = gpt2_family_dir(root / "models", family)
+        for backend in ("ddp", *(["col-tp2", "col-pp2"] if _colossal() else [])):
+            out.append(_config(path, root / f"{family}-{backend}", backend))
     lora = ("model.lora.r=4", "model.lora.dropout=0.0")
     out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora) for b in ("ddp", "zero3")]
     return out
@@ -126,6 +155,33 @@ def test_each_family_trains_like_ddp(runs, family, backend):
     _close(losses(runs / f"{family}-{backend}"), losses(runs / f"{family}-ddp"), f"{family} {backend}",
            REORDERED if backend in ("col-tp2", "col-pp2") else EXACT)
     assert losses(runs / f"{family}-ddp")[-1] < losses(runs / f"{family}-ddp")[0]
+    if backend != "col-zero2":  # ZeRO-2 divides gradients and optimizer states, not the parameters
+        _holds_a_share(runs / f"{family}-{backend}", backend)
+
+
+def _holds_a_share(run: Path, backend: str) -> None:
+    """The memory event's per-rank `params_held`: ZeRO-3 and tp=2 leave each rank about half of the
+    model (vocabulary padding and replicated norms on top), two pipeline stages each their layers
+    (a tied head: a copy on the last); a parallelism that silently did nothing would hold it all."""
+    from helpers import metrics
+    memory = metrics(run, "memory")[-1]
+    total, held = memory["params"]["total"], [r["params_held"] for r in memory["per_rank"]]
+    assert len(held) == 2 and max(held) < (0.6 if backend in ("zero3", "col-tp2") else 1.0) * total <= sum(held), \
+        (backend, total, held)
+
+
+@pytest.mark.skipif(not _colossal(), reason="colossalai not installed")
+@pytest.mark.parametrize("family", GPT2_FAMILY)
+def test_gpt_neo_and_gptj_train_like_ddp_over_tensor_and_pipeline_ranks(runs, family):
+    """GPT-2's relatives under ColossalAI hybrid parallelism (neo_j_policy.py): tp=2 splits the heads
+    (q/k/v column-, out_proj row-parallel), the MLP and the padded vocabulary; pp=2 puts one block on
+    each stage (GPT-Neo's second, a local-attention layer, on the last; GPT-J's rotary table on both).
+    Measured: 4.8e-7 (GPT-Neo tp), 9.5e-7 (GPT-J tp), 1.4e-6 (both pp)."""
+    ddp = losses(runs / f"{family}-ddp")
+    assert ddp[-1] < ddp[0]
+    for backend in ("col-tp2", "col-pp2"):
+        _close(losses(runs / f"{family}-{backend}"), ddp, f"{family} {backend}", REORDERED)
+        _holds_a_share(runs / f"{family}-{backend}", backend)
 
 
 def test_llama_classification_and_lora(runs):
@@ -138,15 +194,18 @@ def test_llama_classification_and_lora(runs):
 
 
 @pytest.mark.skipif(not _colossal(), reason="colossalai not installed")
-@pytest.mark.parametrize("backend", ["col-tp2", "col-pp2"])
-def test_a_hybrid_parallel_qwen2_resumes_exactly_and_exports_unpadded(runs, tmp_path, backend):
+@pytest.mark.parametrize("family,backend", RESUMED)
+def test_a_hybrid_parallel_run_resumes_exactly_and_exports_unpadded(runs, tmp_path, family, backend):
     """Qwen2 (tied embeddings) under tp=2, or split over two pipeline stages (the tied weight on the
-    first and the last), pads GPT-2's 50257-token vocabulary to 50304 (ColossalAI #6167 is about
-    checkpoints of such a vocabulary): stopped at step 2 and relaunched it gives the uninterrupted
-    run's losses, and `engine export` of its checkpoint is the run's own model/."""
-    assert losses(runs / f"qwen2-{backend}-resumed") == losses(runs / f"qwen2-{backend}")
-    model = _export_equals_the_runs_model(runs / f"qwen2-{backend}", tmp_path / "out")
-    assert model["model.embed_tokens.weight"].shape[0] == 50257
+    first and the last), and GPT-J (untied head with a bias) under tp=2 pad GPT-2's 50257-token
+    vocabulary to 50304 (ColossalAI #6167 is about checkpoints of such a vocabulary): stopped at step 2
+    and relaunched it gives the uninterrupted run's losses, and `engine export` of its checkpoint is
+    the run's own model/, unpadded."""
+    assert losses(runs / f"{family}-{backend}-resumed") == losses(runs / f"{family}-{backend}")
+    model = _export_equals_the_runs_model(runs / f"{family}-{backend}", tmp_path / "out")
+    vocab = ["model.embed_tokens.weight"] if family == "qwen2" else ["transformer.wte.weight", "lm_head.weight",
+                                                                      "lm_head.bias"]
+    assert [model[name].shape[0] for name in vocab] == [50257] * len(vocab)
 
 
 def _export_equals_the_runs_model(run: Path, out: Path) -> dict:
@@ -191,15 +250,15 @@ def test_what_hybrid_parallel_cannot_do_for_a_family_is_refused_before_launch(tm
 
 @pytest.mark.fast
 def test_a_model_hybrid_parallel_has_no_policy_for_is_refused_before_launch(tmp_path):
-    """GPT-Neo under plugin=hybrid (its policies cover GPT-2 and the families above): one line from the
-    CLI that names the model type and what to use instead, exit 2, nothing written."""
+    """Gemma under plugin=hybrid (its policies cover the GPT-2 family and the families above): one line
+    from the CLI that names the model type and what to use instead, exit 2, nothing written."""
     pytest.importorskip("colossalai")
     from click.testing import CliRunner
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Tokenizer
     from launch.cli import main
-    model = tmp_path / "tiny-gpt-neo"
-    conf = AutoConfig.for_model("gpt_neo", vocab_size=50257, hidden_size=32, num_layers=2, num_heads=4,
-                                attention_types=[[["global", "local"], 1]], max_position_embeddings=128)
+    model = tmp_path / "tiny-gemma"
+    conf = AutoConfig.for_model("gemma", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
     AutoModelForCausalLM.from_config(conf).save_pretrained(model)
     GPT2Tokenizer.from_pretrained(str(GPT2_TOKENIZER)).save_pretrained(model)
     result = CliRunner().invoke(main, ["launch", "--gpus", "0", "--nproc", "2", "--backend", "colossal",
@@ -207,6 +266,7 @@ def test_a_model_hybrid_parallel_has_no_policy_for_is_refused_before_launch(tmp_
                                        f"model.name_or_path={model}", f"data.train={SHAKESPEARE}", "data.block_size=32",
                                        "data.max_train_samples=16", f"output_dir={tmp_path / 'run'}"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: backend.colossal.plugin=hybrid supports GPT-2, Llama, Qwen2, Qwen3 and Mistral models; got model_type "
-        "'gpt_neo' (use plugin=torch_ddp or low_level_zero for other architectures)"], result.output
+        "error: backend.colossal.plugin=hybrid supports GPT-2, GPT-Neo, GPT-J, Llama, Qwen2, Qwen3 and Mistral "
+        "models; got model_type 'gemma' (use plugin=torch_ddp or low_level_zero for other architectures)"], \
+        result.output
     assert not (tmp_path / "run").exists()

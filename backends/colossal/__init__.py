@@ -3,7 +3,8 @@ through ColossalAI's Booster.
 
 Cheap to import: colossalai is imported inside methods only (the registry imports every backend
 module to validate config sections). Patches to ColossalAI live in compat.py, the transformers-5
-GPT-2 shardformer policy in gpt2_policy.py.
+shardformer policies of hybrid parallelism in gpt2_policy.py (GPT-2), neo_j_policy.py (GPT-Neo,
+GPT-J) and decoder_policy.py (Llama, Qwen2, Qwen3, Mistral).
 """
 from __future__ import annotations
 
@@ -141,6 +142,16 @@ def _check_hybrid_config(conf, task: str, options: ColossalOptions) -> None:
         gpt2_policy.check_config(conf, task, options.tp_size, options.pp_size)
 
 
+def _hybrid_policy(task: str, model_type: str):
+    """The shardformer policy of the model's family (the plugin keeps and mutates it: a fresh one)."""
+    from backends.colossal import decoder_policy, gpt2_policy, neo_j_policy
+    if model_type in decoder_policy.FAMILIES:
+        return decoder_policy.policy_for(task, model_type)
+    if model_type in neo_j_policy.FAMILIES:
+        return neo_j_policy.policy_for(task, model_type)
+    return gpt2_policy.policy_for(task)
+
+
 def _cpu_only_reason(options: ColossalOptions) -> str | None:
     if torch.cuda.is_available():
         return None
@@ -268,10 +279,8 @@ class ColossalBackend(Backend):
         self.build_model = build_model
         module = build_model()
         if self.options.plugin == "hybrid":
-            from backends.colossal import decoder_policy
             _check_hybrid_config(module.config, self.spec.task, self.options)  # also for runs not started by launch
-            if module.config.model_type in decoder_policy.FAMILIES:  # the plugin shards with the family's policy
-                self.plugin.custom_policy = decoder_policy.policy_for(self.spec.task, module.config.model_type)
+            self.plugin.custom_policy = _hybrid_policy(self.spec.task, module.config.model_type)
         if self.options.plugin == "gemini":  # GeminiOptimizer accepts ColossalAI's Adam kernels only
             from colossalai.nn.optimizer import HybridAdam
             optim = HybridAdam(param_groups(module, optimizer.weight_decay), lr=optimizer.lr, betas=optimizer.betas,

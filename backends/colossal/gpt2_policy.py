@@ -36,14 +36,19 @@ def policy_for(task: str):
     raise EngineError(f"backend.colossal.plugin=hybrid has no GPT-2 policy for task {task!r}")
 
 
+# the GPT-2 family: GPT-2 here; GPT-Neo and GPT-J by neo_j_policy.py, with this module's forwards
+GPT2_FAMILY = ("gpt2", "gpt_neo", "gptj")
+HYBRID_MODELS = "GPT-2, GPT-Neo, GPT-J, Llama, Qwen2, Qwen3 and Mistral"
+
+
 def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
     """What the hybrid plugin needs of the model, from its config alone (before any process starts)."""
-    if getattr(conf, "model_type", None) != "gpt2":
+    if getattr(conf, "model_type", None) not in GPT2_FAMILY:
         model_type = getattr(conf, "model_type", "?")
-        raise EngineError(f"backend.colossal.plugin=hybrid supports GPT-2, Llama, Qwen2, Qwen3 and Mistral models; "
+        raise EngineError(f"backend.colossal.plugin=hybrid supports {HYBRID_MODELS} models; "
                           f"got model_type {model_type!r} (use plugin=torch_ddp or low_level_zero for other "
                           "architectures)")
-    heads, layers = conf.n_head, conf.n_layer
+    heads, layers = conf.num_attention_heads, conf.num_hidden_layers
     if heads % tp_size:
         raise EngineError(f"backend.colossal.tp_size={tp_size} must divide the model's {heads} attention heads "
                           f"(try tp_size in {[d for d in range(1, heads + 1) if heads % d == 0]})")
@@ -56,27 +61,31 @@ def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
 # forwards
 # --------------------------------------------------------------------------------------------
 def _transformer_stage(t, input_ids, attention_mask, hidden_states, stage_manager=None, stage_index=None):
-    """GPT2Model.forward for the blocks this stage holds (all of them without PP)."""
+    """The GPT-2 family's base-model forward (GPT2Model, GPTNeoModel, GPTJModel) for the blocks this
+    stage holds (all of them without PP)."""
     from transformers.masking_utils import create_causal_mask
 
     first = stage_manager is None or stage_manager.is_first_stage()
     last = stage_manager is None or stage_manager.is_last_stage()
     if first:
-        batch, length = input_ids.shape
-        inputs_embeds = t.wte(input_ids)
-        position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0)
-        hidden_states = t.drop(inputs_embeds + t.wpe(position_ids))
-    else:
-        batch, length = hidden_states.shape[:2]
-        position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+        hidden_states = t.wte(input_ids)
+    batch, length = hidden_states.shape[:2]
+    position_ids = torch.arange(length, device=hidden_states.device).unsqueeze(0)
+    if first:
+        if hasattr(t, "wpe"):  # GPT-J has none: its layers rotate queries and keys instead
+            hidden_states = hidden_states + t.wpe(position_ids)
+        hidden_states = t.drop(hidden_states)
     if attention_mask is not None and attention_mask.ndim < 4:
         attention_mask = attention_mask.view(batch, -1)
     # no cache, passed by position: transformers 5.2x renamed that argument past_key_values -> cache
     mask = create_causal_mask(t.config, hidden_states, attention_mask, None, position_ids=position_ids)
+    extra = {}
+    if hasattr(t, "rotary_emb"):  # GPT-J since transformers 5.2x: sin/cos made once by the model, not per layer
+        extra["position_embeddings"] = t.rotary_emb(hidden_states, position_ids)
     start, end = stage_index if stage_index is not None else (0, len(t.h))
     for block in t.h[start:end]:
-        hidden_states = block(hidden_states, None, mask, None, use_cache=False, position_ids=position_ids)
-        if isinstance(hidden_states, tuple):  # transformers < 5 blocks return tuples
+        hidden_states = block(hidden_states, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra)
+        if isinstance(hidden_states, tuple):  # GPT-Neo's blocks (and older GPT-2/GPT-J ones) return tuples
             hidden_states = hidden_states[0]
     if last:
         hidden_states = t.ln_f(hidden_states)

@@ -333,11 +333,11 @@ def check_packing(cfg) -> None:
         raise EngineError(f"data.packing with instruction data needs a model whose attention transformers masks per "
                           f"packed example (verified: {', '.join(PACKED_MODEL_TYPES)}); {model_type} is not one: "
                           "set data.packing=false")
-    # ColossalAI's hybrid plugin runs its own GPT-2 forward (backends/colossal/gpt2_policy.py), which drops
-    # position_ids: packed examples would attend to each other there
+    # ColossalAI's hybrid plugin runs the engine's forwards (backends/colossal/*_policy.py), which make
+    # position_ids from the block: packed examples would attend to each other there
     if cfg.backend.name == "colossal" and getattr(cfg.backend_options(), "plugin", None) == "hybrid":
         raise EngineError("data.packing with instruction data is not supported by the colossal hybrid plugin (its "
-                          "GPT-2 forward drops position_ids, so packed examples would see each other): set "
+                          "forwards drop position_ids, so packed examples would see each other): set "
                           "data.packing=false")
 
 
