@@ -8,7 +8,8 @@ DDP's within 1e-6, and under ColossalAI tensor parallelism (tp=2) and two pipeli
 decoder_policy.py) within 2e-6; Llama's classification on ZeRO-2, tp=2 and pp=2 too, and a Llama LoRA
 run on ZeRO-3 equals its DDP run. Qwen2, Qwen3 and Mistral attend through sliding windows shorter
 than the blocks. A Qwen2 run (tied head, padded vocabulary) under tp=2 and under pp=2 resumes
-exactly and exports.
+exactly and exports. GPT-2's relatives GPT-Neo and GPT-J run under tp=2 and pp=2 beside DDP (GPT-J's
+classification too), and a GPT-J run (untied head with a bias) under tp=2 resumes and exports.
 """
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
         path = gpt2_family_dir(root / "models", family)
         for backend in ("ddp", *(["col-tp2", "col-pp2"] if _colossal() else [])):
             out.append(_config(path, root / f"{family}-{backend}", backend))
+    gptj = gpt2_family_dir(root / "models", "gptj")
+    out += [_config(gptj, root / f"gptj-cls-{b}", b, "cls") for b in ("ddp", *(["col-tp2", "col-pp2"] if _colossal()
+                                                                             else []))]
     lora = ("model.lora.r=4", "model.lora.dropout=0.0")
     out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora) for b in ("ddp", "zero3")]
     return out
@@ -176,12 +180,16 @@ def test_gpt_neo_and_gptj_train_like_ddp_over_tensor_and_pipeline_ranks(runs, fa
     """GPT-2's relatives under ColossalAI hybrid parallelism (neo_j_policy.py): tp=2 splits the heads
     (q/k/v column-, out_proj row-parallel), the MLP and the padded vocabulary; pp=2 puts one block on
     each stage (GPT-Neo's second, a local-attention layer, on the last; GPT-J's rotary table on both).
-    Measured: 4.8e-7 (GPT-Neo tp), 9.5e-7 (GPT-J tp), 1.4e-6 (both pp)."""
+    Measured: 4.8e-7 (GPT-Neo tp), 9.5e-7 (GPT-J tp), 1.4e-6 (both pp); GPT-J's classification (MRPC)
+    9e-8 and 3e-8."""
     ddp = losses(runs / f"{family}-ddp")
     assert ddp[-1] < ddp[0]
     for backend in ("col-tp2", "col-pp2"):
         _close(losses(runs / f"{family}-{backend}"), ddp, f"{family} {backend}", REORDERED)
         _holds_a_share(runs / f"{family}-{backend}", backend)
+        if family == "gptj":
+            _close(losses(runs / f"gptj-cls-{backend}"), losses(runs / "gptj-cls-ddp"), f"gptj classification {backend}",
+                   REORDERED)
 
 
 def test_llama_classification_and_lora(runs):
