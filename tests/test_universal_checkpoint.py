@@ -60,8 +60,8 @@ MOVES = {
     "lora-zero3-to-fsdp2": ("lora", ("deepspeed", {"zero_stage": 3}, 2), ("fsdp", {}, 2), EXACT),
     "lora-fsdp2-to-col-zero2": ("lora", ("fsdp", {}, 2), ("colossal", {"plugin": "low_level_zero", "zero_stage": 2}, 2),
                                 EXACT),
-    "lora-col-zero2-to-ddp1": ("lora", ("colossal", {"plugin": "low_level_zero", "zero_stage": 2}, 2), ("ddp", {}, 1),
-                               EXACT),
+    # out of two pipeline stages (each wrote its layers' share of the PEFT model and of the adapters' moments)
+    "lora-col-pp2-to-ddp1": ("lora", ("colossal", HYBRID_PP2, 2), ("ddp", {}, 1), REORDERED),
     # today's families (issue 21): a Llama (grouped-query attention, untied head) into and out of TP/PP
     "llama-zero3-to-col-tp2": ("llama", ("deepspeed", {"zero_stage": 3}, 2), ("colossal", HYBRID_TP2, 2), REORDERED),
     "llama-col-pp2-to-ddp1": ("llama", ("colossal", HYBRID_PP2, 2), ("ddp", {}, 1), REORDERED),

@@ -108,14 +108,14 @@ def _config_error(spec: TrainingSpec, options: ColossalOptions) -> str | None:
         return ("train.compile is not supported by the colossal backend: ColossalAI's Booster wraps the model "
                 "in its own wrapper (sharded modules, pipeline schedules, ZeRO hooks) that unwrap/save/no_sync "
                 "expect uncompiled; use --backend ddp or deepspeed for torch.compile")
-    if t.lora and o.plugin in ("hybrid", "gemini"):
+    if t.lora and (o.plugin == "gemini" or o.plugin == "hybrid" and o.tp_size > 1):
         # ColossalAI 0.5 itself: GeminiPlugin.support_lora() is False; HybridParallelPlugin.enable_lora
-        # asserts tp_size == 1, and the pipeline stages here (gpt2_policy, decoder_policy) and the
-        # hybrid checkpoint files hold the plain model, not PEFT's wrapper, so pp + LoRA is not wired
-        return (f"model.lora is not supported by the colossal backend with plugin={o.plugin} ("
-                + ("ColossalAI's LoRA stops short of tensor parallelism, and this backend's pipeline stages take "
-                   "the plain model" if o.plugin == "hybrid" else "ColossalAI's Gemini has no LoRA support")
-                + "); use backend.colossal.plugin=torch_ddp or low_level_zero, or --backend ddp, deepspeed or fsdp")
+        # asserts tp_size == 1 (its tensor-parallel layers do not take PEFT's wrapped Linear layers)
+        return (f"model.lora is not supported by the colossal backend with "
+                + ("plugin=gemini (ColossalAI's Gemini has no LoRA support)" if o.plugin == "gemini" else
+                   f"tensor parallelism (tp_size={o.tp_size}: ColossalAI's LoRA stops short of it; pp_size and "
+                   "ZeRO over data-parallel ranks take LoRA)")
+                + "; use backend.colossal.plugin=torch_ddp or low_level_zero, or --backend ddp, deepspeed or fsdp")
     if o.plugin == "hybrid" and o.zero_stage and t.precision == "fp32":
         return (f"backend.colossal.zero_stage={o.zero_stage} needs train.precision=bf16 or fp16 "
                 "(ColossalAI's hybrid ZeRO keeps fp32 master weights of half-precision parameters; "
@@ -405,13 +405,23 @@ class ColossalBackend(Backend):
         """A LoRA run's model/: the PEFT model's whole state dict by PEFT's names (base and adapters),
         as the ddp backend writes it, in the Booster's shard layout. ColossalAI's own save_model shows
         a PEFT model as its base without the adapters. torch_ddp and low_level_zero keep every weight
-        whole on every rank: rank 0 writes."""
+        whole on every rank: rank 0 writes; with pipeline stages each stage's first data-parallel rank
+        writes the stage's weights (padded vocabularies come out un-padded) and rank 0 the index."""
         self._wait_for_weights()
-        if self.is_main:
+        stage = self.plugin.stage_manager.stage if self.pipelined else 0
+        shard = f"pytorch_model-{stage + 1:05d}.bin"
+        state = {}
+        if self.dp_rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-            torch.save(state, folder / "pytorch_model-00001.bin")
-            _write_index(folder / "pytorch_model.bin.index.json", {}, state, "pytorch_model-00001.bin")
+            torch.save(state, folder / shard)
+        weight_map = {k: shard for k in state}
+        if self.pipelined:  # the index names every stage's weights
+            maps = [None] * self.world_size
+            dist.all_gather_object(maps, weight_map)
+            weight_map = {k: v for m in maps for k, v in m.items()}
+        if self.is_main:
+            _write_index(folder / "pytorch_model.bin.index.json", {}, weight_map)
         dist.barrier()
 
     def _wait_for_weights(self) -> None:
@@ -421,7 +431,13 @@ class ColossalBackend(Backend):
 
     def _load_model(self, folder: Path) -> None:
         if self.spec.lora:  # _save_peft_model's files, read by every rank
-            self.module.load_state_dict(_read_model_shards(folder), strict=True)
+            if self.pipelined:  # a stage takes its own weights (the others' are unexpected here)
+                missing = self.module.load_state_dict(_read_model_shards(folder), strict=False).missing_keys
+                if missing:
+                    raise EngineError(f"checkpoint {folder} lacks {len(missing)} weights of this pipeline stage "
+                                      f"(e.g. {missing[0]})")
+            else:
+                self.module.load_state_dict(_read_model_shards(folder), strict=True)
             update = getattr(self.model, "update_master_params", None)
             if update:  # low_level_zero: its fp32 master shards from the weights just loaded
                 update()
@@ -509,8 +525,18 @@ class ColossalBackend(Backend):
         directory = Path(directory)
         if self.spec.lora:  # the adapter folder, as the ddp backend writes it (weights are whole on every rank)
             self._wait_for_weights()
+            adapters = None
+            if self.pipelined:  # each stage holds its own layers' adapters (and the last the head): gathered
+                from peft import get_peft_model_state_dict
+                mine = get_peft_model_state_dict(self.module) if self.dp_rank == 0 else {}
+                parts = [None] * self.world_size
+                dist.all_gather_object(parts, {k: v.detach().cpu().contiguous() for k, v in mine.items()})
+                adapters = {k: v for part in parts for k, v in part.items()}
             if self.is_main:
                 self.module.save_pretrained(directory, safe_serialization=True)
+                if adapters is not None:  # rank 0's PEFT wrote its own stage's: all stages' instead
+                    from safetensors.torch import save_file
+                    save_file(adapters, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
             dist.barrier()
             return
         tmp = directory.parent / f".{directory.name}-gathered"
@@ -637,10 +663,11 @@ def _index_keys(folder: Path) -> set[str]:
     return set(_read_model_shards(folder, mmap=True))
 
 
-def _write_index(path: Path, metadata: dict, keys, shard: str) -> None:
-    """The index file of a one-shard Booster checkpoint."""
-    path.write_text(json.dumps({"metadata": {**metadata, "total_size": 0},
-                                "weight_map": {str(k): shard for k in keys}}, indent=1))
+def _write_index(path: Path, metadata: dict, keys, shard: str | None = None) -> None:
+    """The index file of a Booster sharded checkpoint: `keys` all in `shard`, or (shard None) a
+    {key: shard file} map."""
+    weight_map = {str(k): shard for k in keys} if shard is not None else {str(k): v for k, v in keys.items()}
+    path.write_text(json.dumps({"metadata": {**metadata, "total_size": 0}, "weight_map": weight_map}, indent=1))
 
 
 QKV_FUSED = ("attn.c_attn.weight", "attn.c_attn.bias")  # GPT-2's fused [q | k | v] (policy: GPT2FusedLinearConv1D_Col)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.colossal.gpt2_policy import lm_head_and_loss, pool_and_classify
+from backends.colossal.gpt2_policy import PeftAware, lm_head_and_loss, pool_and_classify
 from backends.errors import EngineError
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -106,7 +106,7 @@ def policy_for(task: str, model_type: str):
             return key
         return (key if isinstance(key, str) else key.__name__).replace(names[stock_type], names[model_type], 1)
 
-    class Policy(base):
+    class Policy(PeftAware, base):
         def module_policy(self):
             policy = {renamed(key): description for key, description in super().module_policy().items()}
             for description in policy.values():  # transformers 5's own forwards run sharded as they are

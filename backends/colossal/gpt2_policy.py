@@ -57,6 +57,21 @@ def check_config(conf, task: str, tp_size: int, pp_size: int) -> None:
                           f"pipeline stage needs at least one (use pp_size <= {layers})")
 
 
+class PeftAware:
+    """Mixed into every engine policy, for LoRA runs (PEFT's wrapper, pipeline stages without TP):
+    - the policy addresses the transformers model inside the wrapper (`transformer.h`, `model.layers`,
+      `lm_head`); the plugin still shards the wrapper, whose forward reaches the replaced one inside;
+    - a tied embedding/head the run does not train (LoRA's frozen base) is not a shared parameter for
+      the stages to sync: it has no gradient to all-reduce, and it never changes."""
+
+    def set_model(self, model):
+        from peft import PeftModel
+        super().set_model(model.get_base_model() if isinstance(model, PeftModel) else model)
+
+    def get_shared_params(self):
+        return [shared for shared in super().get_shared_params() if all(p.requires_grad for p in shared.values())]
+
+
 # --------------------------------------------------------------------------------------------
 # forwards
 # --------------------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ def _define() -> None:
                     sub.target_module = col_nn.DropoutForReplicatedInput
         return policy
 
-    class _LM(GPT2LMHeadModelPolicy):
+    class _LM(PeftAware, GPT2LMHeadModelPolicy):
         def module_policy(self):
             from transformers.models.gpt2.modeling_gpt2 import GPT2LMHeadModel
 
@@ -209,7 +224,7 @@ def _define() -> None:
                     policy=policy, target_key=GPT2LMHeadModel)
             return policy
 
-    class _Cls(GPT2ForSequenceClassificationPolicy):
+    class _Cls(PeftAware, GPT2ForSequenceClassificationPolicy):
         def module_policy(self):
             from transformers.models.gpt2.modeling_gpt2 import GPT2ForSequenceClassification
 

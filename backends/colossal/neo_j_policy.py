@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from functools import partial
 
-from backends.colossal.gpt2_policy import classification_forward_pp, lm_forward
+from backends.colossal.gpt2_policy import classification_forward_pp, lm_forward, PeftAware
 from backends.errors import EngineError
 
 # model_type -> where its modules are and what they are called (transformers 5.17 and 5.2x alike)
@@ -52,7 +52,7 @@ def _policy_class():
     from colossalai.shardformer.policies.base_policy import (ModulePolicyDescription, Policy,
                                                              SubModuleReplacementDescription)
 
-    class NeoJPolicy(Policy):
+    class NeoJPolicy(PeftAware, Policy):
         def __init__(self, task: str, family: dict):
             super().__init__()
             self.task, self.family = task, family
