@@ -228,7 +228,8 @@ def test_lora_where_the_backend_cannot_is_refused_before_launch(tiny_gpt2, optio
     pytest.importorskip("colossalai")
     from backends.base import backend_class
     from engine.errors import EngineError
-    cfg = load_config(None, [*_task("clm", tiny_gpt2), *LORA, "backend.name=colossal", *options, "train.precision=bf16"])
+    cfg = load_config(None, [*_task("clm", tiny_gpt2), *LORA, "backend.name=colossal", *options,
+                             "train.precision=bf16"])
     with pytest.raises(EngineError) as refused:
         backend_class("colossal").preflight(cfg.training_spec(), cfg.backend_options(), 2)
     assert str(refused.value) == (f"model.lora is not supported by the colossal backend with {reason}; use "
