@@ -307,9 +307,10 @@ def _write_rank_memory(run: Run, rss_before_setup: float | None) -> None:
     peak memory_stats(), plus its host RSS just before the model was built (what training added
     is the difference) and the parameter elements it holds (`params_held`: what TP/PP/ZeRO-3/FSDP
     left on it, beside `params.total` for the whole model). Gathered over all ranks, not only the
-    data-parallel group. With frozen parameters (LoRA), `frozen_states_saved_mb`: the fp32 gradient and two AdamW moments (12 bytes
-    a parameter) that full fine-tuning would keep for them, for one copy of the model (replicated
-    backends keep it on every rank; sharded ones divide it between ranks)."""
+    data-parallel group. With frozen parameters (LoRA), `frozen_states_saved_mb`: the fp32 gradient
+    and two AdamW moments (12 bytes a parameter) that full fine-tuning would keep for them, for one
+    copy of the model (replicated backends keep it on every rank; sharded ones divide it between
+    ranks)."""
     mine = {k: round(v, 1) for k, v in run.backend.memory_stats().items()}
     held = run.backend.held_parameters()
     if held is not None:
