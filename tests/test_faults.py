@@ -1,6 +1,7 @@
 """Faults on one run directory, with real `engine launch` processes (2 CPU workers): a disk that
 fills up while a checkpoint is written, a relaunch while it is still full, a relaunch whose model
-does not fit the checkpoint (refused inside the workers), and the relaunch that resumes exactly.
+does not fit the checkpoint (refused before any process starts, and by the worker itself when a run
+is started without the launcher), and the relaunch that resumes exactly.
 
 The full disk is real: a small tmpfs mounted for the test (it needs root, as the project's CI and
 development machines have; elsewhere the test is skipped and says so).
@@ -90,15 +91,21 @@ def test_a_full_disk_fails_cleanly_and_the_run_resumes_exactly_once_space_is_fre
     assert_one_error_line(full.stderr, "error: cannot write the run lock")
     assert "MiB free on the filesystem" in full.stderr and "checkpoints will not fit" in full.stderr
     assert _tree(out) == before
-    # 3. space freed, but relaunched with a model the checkpoint does not belong to: the workers
-    #    refuse; the user sees that one line (which rank said it does not matter), nothing else
+    # 3. space freed, but relaunched with a model the checkpoint does not belong to: refused before
+    #    any process starts, in one line, nothing else; a worker started without the launcher (the
+    #    per-rank entry `engine train` under the user's torchrun) refuses it too, before touching the run
     filler.unlink()
     other = tiny_gpt2_dir(tmp_path / "models")
-    wrong = launch(out, f"model.name_or_path={other}", "tokenizer=builtin:sample", "data.train=builtin:sample")
+    wrong_model = [f"model.name_or_path={other}", "tokenizer=builtin:sample", "data.train=builtin:sample"]
+    wrong = launch(out, *wrong_model)
     assert wrong.returncode == 2, wrong.stderr[-4000:]
     line = assert_one_error_line(wrong.stderr, "error: checkpoint ")
     assert "was written for a different model than this config builds" in line, line
-    assert "Traceback" not in wrong.stderr and "E1127" not in wrong.stderr
+    assert "Traceback" not in wrong.stderr and "E1127" not in wrong.stderr and "[rank" not in wrong.stderr
+    from engine.errors import EngineError
+    from engine.worker import run
+    with pytest.raises(EngineError, match="was written for a different model than this config builds"):
+        run(load_config(None, [*JOB, f"output_dir={out}", *wrong_model]).to_dict())
     assert _tree(out) == before
     # 4. the user frees space (here: the oldest checkpoint) and relaunches the same command: it
     #    resumes from step-8 with the losses of the uninterrupted run

@@ -182,8 +182,9 @@ def test_mixed_precision_trains_and_keeps_fp32_masters(job):
 
 
 def test_compile_gives_the_same_losses(job):
-    """Each fully_shard'ed block compiled: the losses of the eager run, within the bound of the
-    other compile tests (tests/test_fast_path.py, tests/test_deepspeed.py)."""
+    """Each fully_shard'ed block compiled with inductor (the suite's one inductor compile: C++ kernels
+    on CPU): the losses of the eager run, within the bound of the other compile tests
+    (tests/test_fast_path.py, tests/test_deepspeed.py, which compile with aot_eager)."""
     run = job["runs"]["compile"]
     (logged,) = scenario_log(job["log"], run)
     assert any("'compiled': True" in line for line in logged)

@@ -86,6 +86,27 @@ def test_headline_picks_up_the_fsdp_row_and_gemini_and_lora_have_their_parts(dri
 
 
 @pytest.mark.fast
+def test_families_lora_part_measures_full_and_lora_on_a_llama(driver, tmp_path):
+    """Issue 21's GPU proof: Llama-3.2-1B full vs LoRA on DDP and ZeRO-3 in one bench (ZeRO-3's full
+    run compared with ddp's losses; LoRA rows not: they train other parameters), LoRA on FSDP2, then
+    `engine estimate` against each peak; llama-tiny on CPU; `next` takes it right after the smokes."""
+    p = driver.build("families-lora", args(tmp_path))
+    assert [type(s).__name__ for s in p.steps] == ["Bench", "EstimateStep"]
+    rows = p.steps[0].rows
+    assert [(r.name, r.spec, r.compare) for r in rows] == [
+        ("ddp", "ddp", False), ("ddp + LoRA", "ddp@model.lora.r=8", False),
+        ("deepspeed:zero3", "deepspeed:zero3", True),
+        ("deepspeed:zero3 + LoRA", "deepspeed:zero3@model.lora.r=8", False),
+        ("fsdp + LoRA", "fsdp@model.lora.r=8", False)]  # Llama's config has no *_pdrop keys to zero
+    argv = p.steps[0].argv
+    assert [argv[argv.index(f) + 1] for f in ("--models", "--micro-batch", "--precision")] == [
+        "llama-3.2-1b", "4", "bf16"]
+    assert {r.model for r in driver.build("families-lora", args(tmp_path, cpu=True)).steps[0].rows} == {"llama-tiny"}
+    order = driver.NEXT_ORDER
+    assert order.index("families-lora") == order.index("smoke-fp16") + 1
+
+
+@pytest.mark.fast
 def test_extra_rows_follow_the_registry(driver, monkeypatch):
     import backends.base as base
     rows, notes = driver.extra_rows()
@@ -168,7 +189,7 @@ def test_next_skips_parts_another_gpu_finished(driver, tmp_path):
     assert driver.next_part(dirs) == "smoke-fp16"
     (tmp_path / "h100-80gb-hbm3-x1").mkdir()
     (tmp_path / "h100-80gb-hbm3-x1" / "smoke-fp16.json").write_text("{}")
-    assert driver.next_part(driver.gpu_result_dirs(tmp_path, "h100-80gb-hbm3-x1")) == "matrix-xl-1"
+    assert driver.next_part(driver.gpu_result_dirs(tmp_path, "h100-80gb-hbm3-x1")) == "families-lora"
 
 
 @pytest.mark.fast

@@ -103,9 +103,11 @@ EST = {
     "export": 25,          # smoke: from_pretrained + generate for every run's export, one process on CPU
 }
 EST_INIT = 21              # measured: gpt2's random init from config, saved (InitWeights)
-EST_HOST_BUILD = {"gpt2-xl": 16, "gpt-neo-2.7B": 40, "gpt-j-6B": 100}  # random init from config on the host
-# one GPU step as sized: measured on the H200 for gpt2 (16 x 1024: 107 ms) and gpt2-xl (8 x 1024: 361 ms)
-EST_STEP_S = {"gpt2": 0.11, "gpt2-xl": 0.36, "gpt-neo-2.7B": 0.6, "gpt-j-6B": 1.4}
+EST_HOST_BUILD = {"gpt2-xl": 16, "gpt-neo-2.7B": 40, "gpt-j-6B": 100,  # random init from config on the host
+                  "llama-3.2-1b": 14}
+# one GPU step as sized: measured on the H200 for gpt2 (16 x 1024: 107 ms) and gpt2-xl (8 x 1024: 361 ms);
+# llama-3.2-1b (4 x 1024) guessed from gpt2-xl's by FLOPs
+EST_STEP_S = {"gpt2": 0.11, "gpt2-xl": 0.36, "gpt-neo-2.7B": 0.6, "gpt-j-6B": 1.4, "llama-3.2-1b": 0.2}
 EST_OFFLOAD = {"gpt2": 10, "gpt2-xl": 40, "gpt-j-6B": 150}  # CPU Adam steps, pinning host memory
 EST_BUILD = {  # JIT builds with this GPU's nvcc, done ahead of the runs that need them (build_kernels.py)
     "colossalai-kernels": 90,   # cpu_adam_x86 + fused_optim_cuda side by side, sm_90 only
@@ -142,8 +144,8 @@ CPU_VARIANTS = ["ddp", "deepspeed:zero0", "deepspeed:zero2"]  # what runs on CPU
 NEGATIVE = "ddp:lr-x2 (negative control)"
 
 # `next` runs the first of these whose <part>.json is not in benchmarks/results/<slug>/ yet
-NEXT_ORDER = ["headline", "profile", "smoke-bf16", "smoke-fp16", "matrix-xl-1", "matrix-xl-2", "largest-neo", "largest-gptj",
-              "offload", "gemini", "matrix-gpt2", "largest-gptj-z2"]
+NEXT_ORDER = ["headline", "profile", "smoke-bf16", "smoke-fp16", "families-lora", "matrix-xl-1", "matrix-xl-2",
+              "largest-neo", "largest-gptj", "offload", "gemini", "matrix-gpt2", "largest-gptj-z2"]
 GROUPS = {"smoke": ["smoke-bf16", "smoke-fp16"], "matrix": ["matrix-xl-1", "matrix-xl-2", "matrix-gpt2"],
           "largest": ["largest-neo", "largest-gptj", "largest-gptj-z2"], "all": NEXT_ORDER + ["estimate"]}
 KNOWN = set(NEXT_ORDER) | {"smoke-fp32", "estimate", "parity-gpt2", "profile"}
@@ -356,11 +358,17 @@ HEADLINE_SMALL = Size("gpt2", 1024, 16, 3, 10)   # 124M; ~18 GiB (`engine estima
 HEADLINE_XL = Size("gpt2-xl", 1024, 8, 3, 10)    # 1.5B; DDP ~51 GiB of 80 by `engine estimate`
 CPU_SMALL = Size("micro", 64, 4, 1, 3, "fp32")
 CPU_XL = Size("tiny", 64, 2, 1, 2, "fp32")
+# today's families, full vs LoRA (issue 21): Llama-3.2-1B (1.24B, grouped-query attention, a 128k
+# vocabulary, tied head); ~37 GiB for full DDP by `engine estimate` (4 x 1024, bf16)
+FAMILIES = Size("llama-3.2-1b", 1024, 4, 3, 10)
+CPU_FAMILIES = Size("llama-tiny", 64, 2, 1, 2, "fp32")
 
 
 def no_dropout(model: str) -> str:
     """Dropout off (as in the smoke parts): backends can then differ only by their arithmetic, and the
     loss comparison means something. The bench passes `model.config.*` to the baselines too."""
+    if model.startswith(("llama", "qwen", "mistral")):
+        return ""  # their only dropout, attention_dropout, is 0 by default
     keys = ("resid_dropout", "embed_dropout", "attention_dropout") if model.startswith("gpt-neo") else \
         ("resid_pdrop", "embd_pdrop", "attn_pdrop")
     return "".join(f"@model.config.{k}=0.0" for k in keys)
@@ -571,6 +579,19 @@ def bench_part(name: str, a) -> Part:
         p.sections = {"gpt2": gpt2.describe() + ": the gpt2 rows the headline leaves out"}
         p.notes.append("ddp@train.log_every=5 measures what keeping losses on the device between log steps saves "
                        "(the bench logs every step, a host sync per step, like both baselines).")
+    elif name == "families-lora":
+        fam = CPU_FAMILIES if a.cpu else FAMILIES
+        lora = lora_override() or "model.lora.r=8"
+        # losses compared with ddp's for full ZeRO-3 only: LoRA trains other parameters
+        rows = [make_row("llama", "ddp", "ddp", fam), make_row("llama", "ddp + LoRA", f"ddp@{lora}", fam),
+                make_row("llama", "deepspeed:zero3", "deepspeed:zero3", fam, compare=True),
+                make_row("llama", "deepspeed:zero3 + LoRA", f"deepspeed:zero3@{lora}", fam),
+                make_row("llama", "fsdp + LoRA", f"fsdp@{lora}", fam)]
+        p.steps = [make_bench(name, "llama", fam, rows, a, 200), EstimateStep()]
+        p.sections = {"llama": fam.describe() + ": full fine-tuning and LoRA r=8 (PEFT's default targets) on DDP "
+                                                "and ZeRO-3 side by side, and LoRA on FSDP2"}
+        p.notes = ["What LoRA saves on a today's-family model: the frozen base keeps no fp32 gradient or AdamW "
+                   "moments (12 B/param); `engine estimate --lora 8` is checked against each peak."]
     elif name == "gemini":
         small = HEADLINE_SMALL
         init = InitWeights(small.model, a.work / name / f"init-{small.model}")
