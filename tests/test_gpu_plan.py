@@ -91,17 +91,18 @@ def test_families_lora_part_measures_full_and_lora_on_a_llama(driver, tmp_path):
     run compared with ddp's losses; LoRA rows not: they train other parameters), LoRA on FSDP2, then
     `engine estimate` against each peak; llama-tiny on CPU; `next` takes it right after the smokes."""
     p = driver.build("families-lora", args(tmp_path))
-    assert [type(s).__name__ for s in p.steps] == ["Bench", "EstimateStep"]
-    rows = p.steps[0].rows
+    assert [type(s).__name__ for s in p.steps] == ["InitWeights", "Bench", "EstimateStep"]
+    init, rows = p.steps[0], p.steps[1].rows
+    same = f"@model.name_or_path={init.out_dir}"  # one saved init: ZeRO-3 would build its own
     assert [(r.name, r.spec, r.compare) for r in rows] == [
-        ("ddp", "ddp", False), ("ddp + LoRA", "ddp@model.lora.r=8", False),
-        ("deepspeed:zero3", "deepspeed:zero3", True),
-        ("deepspeed:zero3 + LoRA", "deepspeed:zero3@model.lora.r=8", False),
-        ("fsdp + LoRA", "fsdp@model.lora.r=8", False)]  # Llama's config has no *_pdrop keys to zero
-    argv = p.steps[0].argv
+        ("ddp", "ddp" + same, False), ("ddp + LoRA", f"ddp{same}@model.lora.r=8", False),
+        ("deepspeed:zero3", "deepspeed:zero3" + same, True),
+        ("deepspeed:zero3 + LoRA", f"deepspeed:zero3{same}@model.lora.r=8", False),
+        ("fsdp + LoRA", f"fsdp{same}@model.lora.r=8", False)]  # Llama's config has no *_pdrop keys to zero
+    argv = p.steps[1].argv
     assert [argv[argv.index(f) + 1] for f in ("--models", "--micro-batch", "--precision")] == [
         "llama-3.2-1b", "4", "bf16"]
-    assert {r.model for r in driver.build("families-lora", args(tmp_path, cpu=True)).steps[0].rows} == {"llama-tiny"}
+    assert {r.model for r in driver.build("families-lora", args(tmp_path, cpu=True)).steps[1].rows} == {"llama-tiny"}
     order = driver.NEXT_ORDER
     assert order.index("families-lora") == order.index("smoke-fp16") + 1
 
