@@ -38,8 +38,10 @@ def scenario_log(job_stderr: str, output_dir) -> list[list[str]]:
 def _reuse_tokenizers() -> None:
     """Every scenario loads its tokenizer, and transformers 5 rebuilds GPT-2's BPE from its vocab and
     merges on each load (~0.4 s; a job has ~200 scenarios on 2 ranks at once). Here a folder's
-    tokenizer is loaded once and each scenario gets a deep copy (~0.2 s): runs change theirs (the pad
-    token, an instruction run's chat template). A changed file in the folder is a new entry."""
+    tokenizer is loaded once and each scenario gets a deep copy: runs change theirs (the pad token, an
+    instruction run's chat template). The copies share the Python vocabulary and merges the tokenizer
+    kept from its construction (`_vocab`, `_merges`: read only there), which were most of a copy's
+    cost (0.19 s -> 0.05 s). A changed file in the folder is a new entry."""
     import copy
 
     import engine.modeling as modeling
@@ -54,7 +56,9 @@ def _reuse_tokenizers() -> None:
         key = (str(folder.resolve()), cfg.model.trust_remote_code, files)
         if key not in loaded:
             loaded[key] = load(cfg)
-        return copy.deepcopy(loaded[key])
+        tokenizer = loaded[key]
+        shared = [getattr(tokenizer, name) for name in ("_vocab", "_merges") if hasattr(tokenizer, name)]
+        return copy.deepcopy(tokenizer, {id(x): x for x in shared})
 
     modeling.load_tokenizer = load_or_copy
 
