@@ -239,6 +239,11 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
         if run.gpus == 0:
             cmd += ["--nproc", str(run.procs)]
         steps_file = out_dir / "metrics.jsonl"
+        refused = _config_error(cfg_path)
+        if refused:  # what `engine launch` would refuse in its first second: said without starting it
+            (run_dir / "log.txt").write_text(f"error: {refused}\n")
+            return {"exit_code": 2, "wall_s": 0.0, "config": cfg, "command": cmd, "log_tail": f"error: {refused}",
+                    "outcome": "error", "message": refused[:600]}
     else:
         cfg = baseline_config(run)
         cfg_path = run_dir / "baseline.json"
@@ -286,6 +291,18 @@ def run_one(run: RunSpec, work_dir: Path, progress=None) -> dict:
         except (OSError, ValueError, KeyError) as e:
             raw.update(outcome="error", message=f"run exited 0 but left no usable measurements: {e}")
     return raw
+
+
+def _config_error(cfg_path: Path) -> str | None:
+    """The one-line reason the engine's config loader refuses a run's config (an unknown key, a value
+    out of range, e.g. `ddp@train.precision=fp8`), or None."""
+    from engine.config import load_config
+    from engine.errors import EngineError
+    try:
+        load_config(str(cfg_path), [])
+    except EngineError as e:
+        return str(e)
+    return None
 
 
 def _count_lines(path: Path, needle: str) -> int:

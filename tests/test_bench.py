@@ -307,8 +307,9 @@ def test_bench_end_to_end_records_results_and_failures(tmp_path):
     assert rank0["host_rss_mb"] > 0 and "host_rss_before_setup_mb" in rank0
     assert ok["estimate"]["row"] == "ddp" and ok["mfu"]["mfu"] is None  # no MFU without a device peak
 
-    failed = results["ddp@train.precision=fp8"]
-    assert failed["outcome"] == "error" and "train.precision" in failed["message"]
+    failed = results["ddp@train.precision=fp8"]  # refused by the config loader, no process started
+    assert failed["outcome"] == "error" and failed["message"].startswith("train.precision must be one of")
+    assert failed["wall_s"] == 0.0
     assert "tokens_per_s" not in failed
 
     hand = results["hand"]
