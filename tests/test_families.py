@@ -6,9 +6,9 @@ Every run is a scenario of the session's shared torchrun job (conftest.py): each
 losses on DeepSpeed ZeRO-3, FSDP2 and ColossalAI low_level_zero (see SKIPPED for what runs elsewhere)
 equal DDP's within 1e-6, and under ColossalAI tensor parallelism (tp=2) and two pipeline stages (pp=2,
 decoder_policy.py) within 2e-6; Llama's classification on ZeRO-2, tp=2 and pp=2 too, and a Llama LoRA
-run on ZeRO-3 equals its DDP run. Qwen2, Qwen3 and Mistral attend through sliding windows shorter
-than the blocks. A Qwen2 run (tied head, padded vocabulary) under tp=2 and under pp=2 resumes
-exactly and exports. GPT-2's relatives GPT-Neo and GPT-J run under tp=2 and pp=2 beside DDP (GPT-J's
+run on ZeRO-3 and over two pipeline stages equals its DDP run. Qwen2, Qwen3 and Mistral attend
+through sliding windows shorter than the blocks. A Qwen2 run (tied head, padded vocabulary) under
+tp=2 and under pp=2 resumes exactly and exports. GPT-2's relatives GPT-Neo and GPT-J run under tp=2 and pp=2 beside DDP (GPT-J's
 classification too), and a GPT-J run (untied head with a bias) under tp=2 resumes and exports.
 """
 from __future__ import annotations
@@ -134,7 +134,8 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
     out += [_config(gptj, root / f"gptj-cls-{b}", b, "cls") for b in ("ddp", *(["col-tp2", "col-pp2"] if _colossal()
                                                                              else []))]
     lora = ("model.lora.r=4", "model.lora.dropout=0.0")
-    out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora) for b in ("ddp", "zero3")]
+    out += [_config(llama, root / f"llama-lora-{b}", b, "clm", *lora)
+            for b in ("ddp", "zero3", *(["col-pp2"] if _colossal() else []))]
     return out
 
 
@@ -200,6 +201,16 @@ def test_llama_classification_and_lora(runs):
             _close(losses(runs / f"llama-cls-{backend}"), losses(runs / "llama-cls-ddp"),
                    f"llama classification {backend}", REORDERED)
     _close(losses(runs / "llama-lora-zero3"), losses(runs / "llama-lora-ddp"), "llama LoRA zero3")
+    if _colossal():  # the decoder policy's stages over PEFT's wrapper (untied head: nothing shared)
+        _close(losses(runs / "llama-lora-col-pp2"), losses(runs / "llama-lora-ddp"), "llama LoRA col-pp2", REORDERED)
+        _adapters_equal(runs / "llama-lora-col-pp2", runs / "llama-lora-ddp")
+
+
+def _adapters_equal(run: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+    ours, ref = (load_file(str(r / "model" / "adapter_model.safetensors")) for r in (run, reference))
+    assert ours.keys() == ref.keys() and len(ref) == 8  # q_proj and v_proj's A and B, 2 layers
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
 
 
 @pytest.mark.skipif(not _colossal(), reason="colossalai not installed")
