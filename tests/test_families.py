@@ -8,8 +8,9 @@ equal DDP's within 1e-6, and under ColossalAI tensor parallelism (tp=2) and two 
 decoder_policy.py) within 2e-6; Llama's classification on ZeRO-2, tp=2 and pp=2 too, and a Llama LoRA
 run on ZeRO-3 and over two pipeline stages equals its DDP run. Qwen2, Qwen3 and Mistral attend
 through sliding windows shorter than the blocks. A Qwen2 run (tied head, padded vocabulary) under
-tp=2 and under pp=2 resumes exactly and exports. GPT-2's relatives GPT-Neo and GPT-J run under tp=2 and pp=2 beside DDP (GPT-J's
-classification too), and a GPT-J run (untied head with a bias) under tp=2 resumes and exports.
+tp=2 and under pp=2 resumes exactly and exports. GPT-2's relatives GPT-Neo and GPT-J run under tp=2
+and pp=2 beside DDP (GPT-J's classification and GPT-Neo's LoRA too), and a GPT-J run (untied head
+with a bias) under tp=2 resumes and exports.
 """
 from __future__ import annotations
 
@@ -130,6 +131,10 @@ def shared_scenarios(root: Path, model: Path) -> list[dict]:
         path = gpt2_family_dir(root / "models", family)
         for backend in ("ddp", *(["col-tp2", "col-pp2"] if _colossal() else [])):
             out.append(_config(path, root / f"{family}-{backend}", backend))
+    if _colossal():  # GPT-Neo's frozen tied embedding/head on the first and last stage under LoRA
+        neo = gpt2_family_dir(root / "models", "gpt_neo")
+        out += [_config(neo, root / f"gpt_neo-lora-{b}", b, "clm", "model.lora.r=4", "model.lora.dropout=0.0")
+                for b in ("ddp", "col-pp2")]
     gptj = gpt2_family_dir(root / "models", "gptj")
     out += [_config(gptj, root / f"gptj-cls-{b}", b, "cls") for b in ("ddp", *(["col-tp2", "col-pp2"] if _colossal()
                                                                              else []))]
@@ -183,7 +188,7 @@ def test_gpt_neo_and_gptj_train_like_ddp_over_tensor_and_pipeline_ranks(runs, fa
     (q/k/v column-, out_proj row-parallel), the MLP and the padded vocabulary; pp=2 puts one block on
     each stage (GPT-Neo's second, a local-attention layer, on the last; GPT-J's rotary table on both).
     Measured: 4.8e-7 (GPT-Neo tp), 9.5e-7 (GPT-J tp), 1.4e-6 (both pp); GPT-J's classification (MRPC)
-    9e-8 and 3e-8."""
+    9e-8 and 3e-8; GPT-Neo LoRA over the two stages 1.4e-6, adapters equal."""
     ddp = losses(runs / f"{family}-ddp")
     assert ddp[-1] < ddp[0]
     for backend in ("col-tp2", "col-pp2"):
@@ -192,6 +197,10 @@ def test_gpt_neo_and_gptj_train_like_ddp_over_tensor_and_pipeline_ranks(runs, fa
         if family == "gptj":
             _close(losses(runs / f"gptj-cls-{backend}"), losses(runs / "gptj-cls-ddp"),
                    f"gptj classification {backend}", REORDERED)
+    if family == "gpt_neo":  # LoRA over the stages: the frozen tied weight is not synced (it has no gradient)
+        _close(losses(runs / "gpt_neo-lora-col-pp2"), losses(runs / "gpt_neo-lora-ddp"), "gpt_neo LoRA col-pp2",
+               REORDERED)
+        _adapters_equal(runs / "gpt_neo-lora-col-pp2", runs / "gpt_neo-lora-ddp")
 
 
 def test_llama_classification_and_lora(runs):
@@ -209,7 +218,7 @@ def test_llama_classification_and_lora(runs):
 def _adapters_equal(run: Path, reference: Path) -> None:
     from safetensors.torch import load_file
     ours, ref = (load_file(str(r / "model" / "adapter_model.safetensors")) for r in (run, reference))
-    assert ours.keys() == ref.keys() and len(ref) == 8  # q_proj and v_proj's A and B, 2 layers
+    assert ours.keys() == ref.keys() and len(ref) == 8  # q_proj and v_proj's A and B, 2 layers (PEFT's default)
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-5
 
 

@@ -52,7 +52,7 @@ def _policy_class():
     from colossalai.shardformer.policies.base_policy import (ModulePolicyDescription, Policy,
                                                              SubModuleReplacementDescription)
 
-    class NeoJPolicy(PeftAware, Policy):
+    class NeoJLayout(Policy):
         def __init__(self, task: str, family: dict):
             super().__init__()
             self.task, self.family = task, family
@@ -148,5 +148,8 @@ def _policy_class():
                     and model.transformer.wte.weight is model.lm_head.weight):
                 return [{0: model.transformer.wte.weight, stages.num_stages - 1: model.lm_head.weight}]
             return []
+
+    class NeoJPolicy(PeftAware, NeoJLayout):  # LoRA's wrapper and frozen tied weights over the layout above
+        pass
 
     return NeoJPolicy
