@@ -254,18 +254,19 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, merged: b
             "backend": layout["backend"], "weights": source, "trimmed": trimmed}
 
 
-def check_checkpoint_fits(directory: Path, conf, auto_class, trust_remote_code: bool = False,
-                          wrap=None) -> torch.nn.Module:
+def check_checkpoint_fits(directory: Path, conf, auto_class, cfg) -> torch.nn.Module:
     """Before anything in the run directory is touched: the checkpoint a relaunch will resume from
-    must hold the parameters (names and shapes) of the model the config builds now. The model is
-    built on the meta device (no memory, full shapes under any partitioning); the checkpoint's
-    shapes come from the backend that wrote it (headers, recorded shapes). One line naming the first
-    difference. `wrap` turns the built model into the run's (LoRA). Returns the meta model
-    (engine.universal.ModelNames reads its parameter names)."""
+    must hold the parameters (names and shapes) of the model the run config `cfg` builds now. The
+    model is built on the meta device (no memory, full shapes under any partitioning); the
+    checkpoint's shapes come from the backend that wrote it (headers, recorded shapes). One line
+    naming the first difference. Asked by the launcher's preflight and again by each worker (runs
+    started without the launcher). Returns the meta model (engine.universal.ModelNames reads its
+    parameter names)."""
     with torch.device("meta"):
-        model = auto_class.from_config(conf, trust_remote_code=trust_remote_code)
-        if wrap is not None:  # e.g. LoRA: the run's parameters are the wrapped model's
-            model = wrap(model)
+        model = auto_class.from_config(conf, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.lora is not None:  # the run's parameters are the PEFT-wrapped model's
+            from engine.modeling import with_lora
+            model = with_lora(model, cfg, quiet=True)
     reader, layout = checkpoint_reader(directory)
     ckpt = reader.checkpoint_shapes(directory, layout)
     if ckpt is None:

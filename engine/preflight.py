@@ -14,8 +14,9 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     Returns the config and the lines to log once the run directory is the launcher's (its lock taken):
     a launch refused for a live directory says nothing else."""
     from engine import warn_once
-    from engine.checkpoint import check_continue_steps, check_output_dir
+    from engine.checkpoint import check_continue_steps, check_output_dir, resumable_checkpoint
     from engine.config import load_config
+    from engine.export import check_checkpoint_fits
     from engine.worker import prepare_run
 
     from backends.base import backend_class
@@ -30,8 +31,10 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     mode = check_output_dir(Path(cfg.output_dir), continue_run, cfg.train.max_steps)
     task, _, data, conf = prepare_run(cfg)
     backend_class(cfg.backend.name).check_model_config(conf, cfg.training_spec(), cfg.backend_options(), world_size)
-    if mode in ("resume", "continue"):
-        check_resume_fits(cfg, conf, task)
+    if mode in ("resume", "continue"):  # the checkpoint the workers would resume from is of this model
+        newest = resumable_checkpoint(Path(cfg.output_dir))[0]
+        if newest is not None:
+            check_checkpoint_fits(newest, conf, task.auto_model_class(), cfg)
     space = _checkpoint_space_warning(cfg, conf, task)
     if space:  # about the machine, true whoever holds the run directory: said at once
         from engine.metrics import log
@@ -49,20 +52,6 @@ def resolve_job(config: str | None, overrides: list[str], backend: str | None, w
     said = {"resume": ["resuming run in " + cfg.output_dir],
             "continue": ["continuing finished run in " + cfg.output_dir]}.get(mode, [])
     return cfg, [*said, *(notes or ())]
-
-
-def check_resume_fits(cfg, conf, task) -> None:
-    """The newest intact checkpoint in output_dir (the one a relaunch resumes from) must hold the
-    parameters of the model the config builds (names and shapes, from a meta-device build): one line
-    naming the first difference otherwise. The launcher asks before any process starts; the workers
-    ask again (engine/worker.py) for runs started without it (`engine train` under the user's torchrun)."""
-    from engine.checkpoint import resumable_checkpoint
-    from engine.export import check_checkpoint_fits
-    from engine.modeling import with_lora
-    newest = resumable_checkpoint(Path(cfg.output_dir))[0]
-    if newest is not None:
-        lora = (lambda model: with_lora(model, cfg, quiet=True)) if cfg.model.lora is not None else None
-        check_checkpoint_fits(newest, conf, task.auto_model_class(), cfg.model.trust_remote_code, lora)
 
 
 def check_quantized_base(cfg) -> None:

@@ -99,7 +99,7 @@ def run(cfg_dict: dict) -> dict:
     from engine.export import check_checkpoint_fits
     from engine.loop import train
     from engine.metrics import log
-    from engine.modeling import model_builder, with_lora
+    from engine.modeling import model_builder
     from engine.universal import ModelNames
 
     warn_once.install()  # library warnings once per process, not once per step
@@ -115,8 +115,7 @@ def run(cfg_dict: dict) -> dict:
         resume = resumable_checkpoint(output_dir)
         model_names = None
         if resume[0] is not None:
-            lora = (lambda model: with_lora(model, cfg, quiet=True)) if cfg.model.lora is not None else None
-            meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg.model.trust_remote_code, lora)
+            meta = check_checkpoint_fits(resume[0], conf, task.auto_model_class(), cfg)
             model_names = ModelNames.of(meta)  # built before any backend: ZeRO-3's zero.Init is not live yet
         backend = session.start(cfg.training_spec(), cfg.backend_options())
         if backend.is_main:

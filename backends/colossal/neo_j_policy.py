@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from functools import partial
 
-from backends.colossal.gpt2_policy import classification_forward_pp, lm_forward, PeftAware
+from backends.colossal.gpt2_policy import PeftAware, classification_forward_pp, lm_forward
 from backends.errors import EngineError
 
 # model_type -> where its modules are and what they are called (transformers 5.17 and 5.2x alike)
